@@ -1,0 +1,3 @@
+"""ladic_jax: diffusion-based image captioning in JAX/Flax."""
+
+__version__ = "0.1.0"
