@@ -1,0 +1,3 @@
+"""Model families. Importing this package registers the built-in ones."""
+
+from ladic_jax.families import ladic  # noqa: F401

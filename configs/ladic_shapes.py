@@ -1,0 +1,72 @@
+r"""LaDiC on the synthetic shapes captions: the embedded default, trains on a 2-core CPU in minutes.
+
+Text space: the packaged MiniLM-L6 (real pretrained weights) split 3+3; image encoder: a small ViT
+trained from scratch (no pretrained image weights are to be had offline); diffuser: "tiny".
+
+  ladic-data build shapes_captions --data_dir data
+  ladic-train --config configs/ladic_shapes.py --workdir runs/shapes \
+      --config.input.data_dir=data
+  ladic-train --config configs/ladic_shapes.py:runlocal --workdir /tmp/smoke --config.input.data_dir=data
+
+Variants: ``runlocal`` (a few steps, tiny eval: a smoke test), ``steps=N`` (training steps).
+"""
+
+import ml_collections
+
+from ladic_jax.config import parse_arg
+
+
+def frozen_text_layers(split_layer: int) -> str:
+    """Regex for the frozen lower half of the split BERT (embeddings + layers [0, split))."""
+    return r"^text/(embeddings|layers_(%s))/" % "|".join(str(i) for i in range(split_layer))
+
+
+def get_config(arg=None):
+    arg = parse_arg(arg, runlocal=False, steps=0)
+    c = ml_collections.ConfigDict()
+    c.family = "ladic"
+    c.seed = 0
+    c.dtype = "float32"
+
+    c.input = dict(
+        dataset="shapes_captions/default", data_dir=None, train_split="train", eval_split="test",
+        image_size=64, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), max_length=24,
+        tokenizer="minilm", random_resized_crop=False, crop_scale=(0.5, 1.0), flip=False,
+        shuffle_buffer=5000, batch_size=64, eval_batch_size=100, seed=0)
+
+    split = 3
+    c.model = dict(
+        text=dict(pretrained="minilm", split_layer=split),
+        image=dict(pretrained=None, kind="vit", config=dict(
+            image_size=64, patch_size=8, hidden_size=192, num_layers=4, num_heads=3,
+            intermediate_size=768, hidden_act="gelu", layer_norm_eps=1e-6, pre_norm=False,
+            patch_bias=True, norm_all_tokens=True)),
+        diffuser=dict(preset="tiny", overrides={}),
+        special_latent="zero", latent_loss="l2", ce_weight=0.2, self_cond_prob=0.5, uncond_prob=0.1,
+        stats_batches=20, dedup_consecutive=False)
+    c.diffusion = dict(schedule="cosine", num_timesteps=1000, noise_factor=1.0, sample_noise_factor=1.0)
+    c.sampler = dict(steps=5, method="ddim", eta=0.0, guidance=1.0, self_cond=True, t_offset=0)
+
+    c.total_steps = arg.steps or 3000
+    c.num_epochs = 0
+    c.optim = dict(lr=5e-4, warmup=0.05, decay="linear", end_lr_factor=0.0, weight_decay=0.01,
+                   b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
+                   frozen=[frozen_text_layers(split), r"^latent_(mean|std)$"])
+    c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
+    c.sharding_rules = [(r"(kernel|embedding)$", "fsdp"), (r".*", "replicate")]
+
+    c.log_every = 50
+    c.checkpoint = dict(every_steps=500, keep=3)
+    c.eval = dict(every_steps=0, at_end=True, sampling_steps=(5, 30), limit=0)
+
+    if arg.runlocal:
+        c.total_steps = arg.steps or 4
+        c.input.batch_size = 8
+        c.input.eval_batch_size = 8
+        c.input.shuffle_buffer = 64
+        c.model.stats_batches = 2
+        c.log_every = 1
+        c.checkpoint.every_steps = 2
+        c.eval.sampling_steps = (2,)
+        c.eval.limit = 16
+    return c

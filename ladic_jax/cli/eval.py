@@ -1,0 +1,37 @@
+"""ladic-eval: evaluate the checkpoints of a training run (BLEU, METEOR, ROUGE-L, CIDEr, SPICE)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ladic_jax.cli import common
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(
+        prog="ladic-eval", description="Evaluate every checkpoint of a run (or --step N), skipping those "
+        "already evaluated; writes WORKDIR/eval/step_<N>.json, a table and a plot of metrics against step.",
+        epilog=common.OVERRIDE_HELP)
+    p.add_argument("--workdir", required=True, help="a run directory written by ladic-train")
+    p.add_argument("--step", type=_ints, default=None, help="checkpoint step(s), comma-separated")
+    p.add_argument("--sampling-steps", type=_ints, default=None,
+                   help="denoising steps, comma-separated (default: the config's sampler.steps)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--force", action="store_true", help="re-evaluate checkpoints already evaluated")
+    args, overrides = common.parse(p, argv)
+    common.setup_logging()
+    from ladic_jax.evaluation import offline
+    try:
+        offline.evaluate_run(args.workdir, steps=args.step, sampling_steps=args.sampling_steps,
+                             guidance=args.guidance, limit=args.limit, force=args.force, overrides=overrides)
+    except (FileNotFoundError, ValueError) as e:
+        common.fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

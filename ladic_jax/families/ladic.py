@@ -1,0 +1,318 @@
+"""LaDiC (seed 001): continuous diffusion in the latent space of a BERT split in the middle.
+
+Text space: the lower ``split_layer`` layers of a pretrained BERT (with its embeddings) map a caption
+to per-token latents; these are normalised per channel with statistics gathered from training
+captions. The upper layers plus the MLM head decode a latent back to tokens. Special tokens ([CLS],
+[SEP], [PAD]) get a fixed latent so that caption length is learned: the zero latent (the paper) or
+the encoder output of "." (the authors' release), with the CE target at those positions set to [PAD]
+or "." respectively; decoding drops them.
+
+Denoiser: the ``Diffuser`` (self-attention, cross-attention to the image tokens, MLP) predicting x0,
+with self-conditioning and classifier-free guidance through a learned null image condition.
+
+Loss: ``L_latent + λ CE(mlm_head(upper(x̂0 · std + mean)), targets)``.
+
+Config (``config.model``):
+  text.pretrained: "minilm" (the packaged MiniLM-L6), a local HF directory or hub id, or None (random
+    init from ``text.config``); text.split_layer; special_latent: "zero" | "period";
+  image: the ViT (``image.pretrained`` like text, or ``image.config`` for training from scratch);
+  diffuser: preset name + overrides; latent_loss: "l2" (mean over tokens of the L2 norm, as the
+  release) | "mse"; ce_weight (λ); self_cond_prob; uncond_prob; stats_batches.
+``config.diffusion``: schedule, num_timesteps, noise_factor, sample_noise_factor.
+``config.sampler``: steps, method ("ddim" | "renoise"), eta, guidance (w), self_cond, t_offset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ladic_jax.diffusion.gaussian import GaussianDiffusion
+from ladic_jax.encoders import bert as bert_lib
+from ladic_jax.encoders import vit as vit_lib
+from ladic_jax.encoders import loading
+from ladic_jax.families import base
+from ladic_jax.models.diffuser import Diffuser, DiffuserConfig
+from ladic_jax.sharding import path_str
+
+_STD_EPS = 1e-5
+
+
+def resolve_model_path(name: str) -> str:
+    """'minilm' -> the packaged MiniLM-L6 directory; anything else is returned unchanged."""
+    return str(loading.minilm_dir()) if name == "minilm" else name
+
+
+class LadicModel(nn.Module):
+    """All LaDiC parameters: ``text`` (split BERT), ``image`` (ViT), ``diffuser``, latent statistics."""
+    text_config: bert_lib.BertConfig
+    image_config: vit_lib.ViTConfig
+    diffuser_config: DiffuserConfig
+    split_layer: int
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.text = bert_lib.Bert(self.text_config, dtype=self.dtype)
+        self.image = vit_lib.ViT(self.image_config, dtype=self.dtype)
+        self.diffuser = Diffuser(self.diffuser_config, dtype=self.dtype)
+        d = self.text_config.hidden_size
+        self.latent_mean = self.param("latent_mean", nn.initializers.zeros, (d,), jnp.float32)
+        self.latent_std = self.param("latent_std", nn.initializers.ones, (d,), jnp.float32)
+
+    # text space
+    def encode_raw(self, tokens, token_mask):
+        h = self.text.embed(tokens)
+        return self.text.encode(h, token_mask, 0, self.split_layer)
+
+    def normalize(self, h):
+        mean, std = jax.lax.stop_gradient((self.latent_mean, self.latent_std))
+        return (h.astype(jnp.float32) - mean) / (std + _STD_EPS)
+
+    def decode_logits(self, x):
+        mean, std = jax.lax.stop_gradient((self.latent_mean, self.latent_std))
+        h = x.astype(jnp.float32) * (std + _STD_EPS) + mean
+        ones = jnp.ones(x.shape[:2], jnp.int32)
+        h = self.text.encode(h.astype(self.dtype), ones, self.split_layer, None)
+        return self.text.mlm_logits(h)
+
+    # image and denoiser
+    def image_tokens(self, image):
+        tokens, _ = self.image(image)
+        return tokens
+
+    def condition(self, image_tokens, null_mask):
+        return self.diffuser.condition(image_tokens, null_mask)
+
+    def denoise(self, x_t, t, self_cond, cond, deterministic=True):
+        return self.diffuser.denoise(x_t, t, self_cond, cond, deterministic=deterministic)
+
+    def __call__(self, tokens, token_mask, image):
+        x0 = self.normalize(self.encode_raw(tokens, token_mask))
+        img = self.image_tokens(image)
+        null = jnp.zeros((tokens.shape[0],), bool)
+        x0_hat = self.diffuser(x0, jnp.zeros((tokens.shape[0],), jnp.int32), jnp.zeros_like(x0), img, null)
+        return self.decode_logits(x0_hat)
+
+
+def _text_config(text_cfg) -> bert_lib.BertConfig:
+    if text_cfg.get("pretrained"):
+        return loading.read_config(resolve_model_path(text_cfg.pretrained), "bert")
+    return bert_lib.BertConfig(**text_cfg.config.to_dict())
+
+
+def _image_config(image_cfg) -> vit_lib.ViTConfig:
+    if image_cfg.get("pretrained"):
+        return loading.read_config(resolve_model_path(image_cfg.pretrained), image_cfg.kind)
+    return vit_lib.ViTConfig(**image_cfg.config.to_dict())
+
+
+@base.register
+class Ladic(base.Family):
+    name = "ladic"
+
+    def __init__(self, config):
+        super().__init__(config)
+        m = config.model
+        self.text_config = _text_config(m.text)
+        self.image_config = _image_config(m.image)
+        self.split_layer = int(m.text.split_layer)
+        if not 0 < self.split_layer < self.text_config.num_layers:
+            raise ValueError(f"config.model.text.split_layer must be in 1..{self.text_config.num_layers - 1}, "
+                             f"got {self.split_layer}")
+        overrides = dict(m.diffuser.get("overrides", {}))
+        self.diffuser_config = DiffuserConfig.preset(
+            m.diffuser.preset, latent_dim=self.text_config.hidden_size,
+            cond_dim=self.image_config.hidden_size, max_len=config.input.max_length,
+            num_timesteps=config.diffusion.num_timesteps, **overrides)
+        dtype = jnp.dtype(config.get("dtype", "float32"))
+        self.module = LadicModel(self.text_config, self.image_config, self.diffuser_config,
+                                 self.split_layer, dtype=dtype)
+        d = config.diffusion
+        self.diffusion = GaussianDiffusion.create(d.schedule, d.num_timesteps, d.noise_factor,
+                                                  d.sample_noise_factor)
+        self._tokenizer = None
+
+    # ---- text space -----------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.config.input.tokenizer))
+        return self._tokenizer
+
+    @functools.cached_property
+    def _special_ids(self) -> tuple[int, ...]:
+        tok = self.tokenizer
+        return tuple(sorted({tok.cls_token_id, tok.sep_token_id, tok.pad_token_id}))
+
+    @functools.cached_property
+    def _period_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(".")
+
+    def decode(self, token_ids: np.ndarray) -> list[str]:
+        drop = set(self._special_ids)
+        if self.config.model.special_latent == "period":
+            drop.add(self._period_id)
+        out = []
+        for row in np.asarray(token_ids):
+            ids = [int(i) for i in row if int(i) not in drop]
+            if self.config.model.get("dedup_consecutive", False):
+                ids = [i for j, i in enumerate(ids) if j == 0 or ids[j - 1] != i]
+            out.append(self.tokenizer.decode(ids, skip_special_tokens=True,
+                                             clean_up_tokenization_spaces=True).strip())
+        return out
+
+    def _apply(self, params, *args, method, **kw):
+        return self.module.apply({"params": params}, *args, method=method, **kw)
+
+    def _is_special(self, tokens):
+        return jnp.isin(tokens, jnp.asarray(self._special_ids))
+
+    def text_latents(self, params, tokens, token_mask):
+        """Normalised x0 latents (B,L,D) with the fixed special latent, and the CE targets (B,L)."""
+        raw = self._apply(params, tokens, token_mask, method=LadicModel.encode_raw)
+        x0 = self._apply(params, raw, method=LadicModel.normalize)
+        special = self._is_special(tokens)[..., None]
+        if self.config.model.special_latent == "zero":
+            fixed = jnp.zeros_like(x0[:, :1])
+            target_special = self.tokenizer.pad_token_id
+        else:  # "period": the encoder output of "." at position 1 of "[CLS] . [SEP]"
+            tok = self.tokenizer
+            ids = jnp.asarray([[tok.cls_token_id, self._period_id, tok.sep_token_id]], jnp.int32)
+            p = self._apply(params, ids, jnp.ones_like(ids), method=LadicModel.encode_raw)[:, 1:2]
+            fixed = self._apply(params, p, method=LadicModel.normalize)
+            target_special = self._period_id
+        x0 = jnp.where(special, fixed, x0)
+        targets = jnp.where(special[..., 0], target_special, tokens)
+        return jax.lax.stop_gradient(x0), targets
+
+    # ---- parameters --------------------------------------------------------------------------
+    def init(self, rng, batch):
+        b = {k: jnp.zeros(v.shape, v.dtype) for k, v in batch.items()}
+        return self.module.init(rng, b["tokens"], b["token_mask"], b["image"])["params"]
+
+    def load_pretrained(self, abstract_params):
+        out, notes = {}, []
+        for part, cfg in (("text", self.config.model.text), ("image", self.config.model.image)):
+            if not cfg.get("pretrained"):
+                notes.append(f"{part}: randomly initialised")
+                continue
+            kind = "bert" if part == "text" else cfg.kind
+            pre = loading.load_pretrained(resolve_model_path(cfg.pretrained), kind,
+                                          subtree=cfg.get("subtree") or None)
+            flat = jax.tree_util.tree_flatten_with_path(pre.params)[0]
+            out.update({f"{part}/{path_str(p)}": np.asarray(v) for p, v in flat})
+            notes.append(f"{part}: loaded {len(flat)} tensors from {cfg.pretrained}"
+                         + (f" ({'; '.join(pre.notes)})" if pre.notes else ""))
+        return out, notes
+
+    def prepare(self, params, train_batches: Iterator[dict[str, jax.Array]]):
+        """Per-channel mean/std of the encoder latents over ordinary (non-special) caption tokens."""
+        special_ids = jnp.asarray(self._special_ids)
+
+        @jax.jit
+        def moments(params, tokens, token_mask):
+            h = self._apply(params, tokens, token_mask, method=LadicModel.encode_raw).astype(jnp.float32)
+            w = ((token_mask > 0) & ~jnp.isin(tokens, special_ids)).astype(jnp.float32)[..., None]
+            return jnp.sum(w * h, (0, 1)), jnp.sum(w * h * h, (0, 1)), jnp.sum(w)
+
+        s1 = s2 = n = 0.0
+        nb = int(self.config.model.stats_batches)
+        for _, batch in zip(range(nb), train_batches):
+            a, b, c = moments(params, batch["tokens"], batch["token_mask"])
+            s1, s2, n = s1 + np.asarray(a, np.float64), s2 + np.asarray(b, np.float64), n + float(c)
+        if n == 0:
+            raise ValueError("latent statistics: no caption tokens seen in the training data")
+        mean = s1 / n
+        std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
+        return ({"latent_mean": mean.astype(np.float32), "latent_std": std.astype(np.float32)},
+                [f"latent statistics from {int(n)} tokens in {nb} batches: mean |mu| "
+                 f"{np.abs(mean).mean():.3f}, mean sigma {std.mean():.3f}"])
+
+    # ---- training ----------------------------------------------------------------------------
+    def loss(self, params, batch, rng, train=True):
+        m = self.config.model
+        tokens, token_mask = batch["tokens"], batch["token_mask"]
+        bsz = tokens.shape[0]
+        x0, targets = self.text_latents(params, tokens, token_mask)
+        k_t, k_noise, k_null, k_sc, k_drop1, k_drop2 = jax.random.split(rng, 6)
+        t = jax.random.randint(k_t, (bsz,), 0, self.diffusion.num_timesteps)
+        x_t = self.diffusion.q_sample(x0, t, jax.random.normal(k_noise, x0.shape, x0.dtype))
+        img = self._apply(params, batch["image"], method=LadicModel.image_tokens)
+        null = jax.random.bernoulli(k_null, m.uncond_prob, (bsz,)) if train else jnp.zeros((bsz,), bool)
+        cond = self._apply(params, img, null, method=LadicModel.condition)
+        denoise = functools.partial(self._apply, params, method=LadicModel.denoise, deterministic=not train)
+        zeros = jnp.zeros_like(x0)
+        if m.self_cond_prob > 0:
+            use_sc = jax.random.bernoulli(k_sc, m.self_cond_prob)
+            sc = jax.lax.cond(
+                use_sc,
+                lambda: jax.lax.stop_gradient(denoise(x_t, t, zeros, cond, rngs={"dropout": k_drop1})),
+                lambda: zeros)
+        else:
+            sc = zeros
+        x0_hat = denoise(x_t, t, sc, cond, rngs={"dropout": k_drop2}).astype(jnp.float32)
+        diff = x0_hat - x0
+        if m.latent_loss == "l2":
+            latent = jnp.mean(jnp.sqrt(jnp.sum(diff * diff, -1) + 1e-12))
+        else:
+            latent = jnp.mean(diff * diff)
+        logits = self._apply(params, x0_hat, method=LadicModel.decode_logits).astype(jnp.float32)
+        logp = jax.nn.log_softmax(logits)
+        ce = -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1))
+        acc = jnp.mean((jnp.argmax(logits, -1) == targets).astype(jnp.float32))
+        loss = latent + m.ce_weight * ce
+        return loss, {"latent_loss": latent, "ce": ce, "token_acc": acc}
+
+    # ---- sampling -----------------------------------------------------------------------------
+    def timesteps(self, sampler_cfg):
+        return self.diffusion.sampling_timesteps(int(sampler_cfg.steps))
+
+    def sampling_context(self, params, batch, sampler_cfg):
+        img = self._apply(params, batch["image"], method=LadicModel.image_tokens)
+        bsz = img.shape[0]
+        ctx = {"cond": self._apply(params, img, jnp.zeros((bsz,), bool), method=LadicModel.condition)}
+        if sampler_cfg.guidance:
+            ctx["null"] = self._apply(params, img, jnp.ones((bsz,), bool), method=LadicModel.condition)
+        return ctx
+
+    def initial_state(self, params, context, rng, sampler_cfg):
+        cond_leaf = jax.tree.leaves(context["cond"])[0]
+        shape = (cond_leaf.shape[0], self.config.input.max_length, self.text_config.hidden_size)
+        x = jax.random.normal(rng, shape, jnp.float32) * self.diffusion.sample_noise_factor
+        return {"x": x, "x0_hat": jnp.zeros_like(x)}
+
+    def predict_x0(self, params, context, x, t, self_cond, sampler_cfg):
+        """x̂0 with classifier-free guidance: (1+w) f(x, v) - w f(x, ∅)."""
+        t_model = jnp.minimum(t + int(sampler_cfg.get("t_offset", 0)), self.diffusion.num_timesteps - 1)
+        tb = jnp.full((x.shape[0],), t_model, jnp.int32)
+        f = lambda cond: self._apply(params, x, tb, self_cond, cond,  # noqa: E731
+                                     method=LadicModel.denoise).astype(jnp.float32)
+        out = f(context["cond"])
+        w = float(sampler_cfg.guidance)
+        if w:
+            out = (1.0 + w) * out - w * f(context["null"])
+        return out
+
+    def denoise_step(self, params, context, state, t, t_next, rng, sampler_cfg):
+        sc = state["x0_hat"] if sampler_cfg.self_cond else jnp.zeros_like(state["x"])
+        x0_hat = self.predict_x0(params, context, state["x"], t, sc, sampler_cfg)
+        bsz = x0_hat.shape[0]
+        tb, tnb = jnp.full((bsz,), t, jnp.int32), jnp.full((bsz,), t_next, jnp.int32)
+        if sampler_cfg.method == "ddim":
+            x = self.diffusion.ddim_step(state["x"], x0_hat, tb, tnb, sampler_cfg.eta, rng)
+        elif sampler_cfg.method == "renoise":
+            x = self.diffusion.renoise_step(x0_hat, tnb, rng)
+        else:
+            raise ValueError(f"config.sampler.method must be ddim or renoise, got {sampler_cfg.method!r}")
+        return {"x": x, "x0_hat": x0_hat}
+
+    def finalize(self, params, context, state, sampler_cfg):
+        logits = self._apply(params, state["x0_hat"], method=LadicModel.decode_logits)
+        return jnp.argmax(logits, -1).astype(jnp.int32)

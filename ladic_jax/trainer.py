@@ -1,0 +1,286 @@
+"""The one trainer for every model family: ``train_and_evaluate(config, workdir)``.
+
+Order of events:
+  validate config -> family -> mesh -> abstract params (eval_shape) -> shardings -> jit(init) on the
+  shardings (never whole on one device) -> optimizer -> resume from the workdir's newest good
+  checkpoint, or else pretrained weights + data-dependent set-up (family.prepare) -> loop of jitted,
+  donated train steps with logging, checkpoints, periodic evaluation -> final checkpoint + evaluation.
+
+Stops cleanly on SIGTERM/SIGINT (checkpoint at the next step boundary, exit status 0) and refuses to
+continue past a non-finite loss or gradient norm, keeping the last good checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ladic_jax import checkpoint as ckpt_lib
+from ladic_jax import config as config_lib
+from ladic_jax import optim
+from ladic_jax import sharding
+from ladic_jax.data import pipeline
+from ladic_jax.evaluation.evaluator import Evaluator
+from ladic_jax.families.base import Family, get_family
+from ladic_jax.metric_writer import MetricWriter, Progress
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def total_steps(config) -> int:
+    """Training length from config.total_steps, or config.num_epochs over the training split."""
+    if config.get("total_steps"):
+        return int(config.total_steps)
+    n = pipeline.num_examples(config.input, config.input.train_split)
+    return int(math.ceil(config.num_epochs * n / config.input.batch_size))
+
+
+def dummy_batch(config, batch_size: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+    s, L = config.input.image_size, config.input.max_length
+    return {
+        "image": jax.ShapeDtypeStruct((batch_size, s, s, 3), jnp.float32),
+        "tokens": jax.ShapeDtypeStruct((batch_size, L), jnp.int32),
+        "token_mask": jax.ShapeDtypeStruct((batch_size, L), jnp.int32),
+    }
+
+
+def _merge(params, replacements: dict[str, np.ndarray], shardings, what: str):
+    """Puts host arrays into the param tree by path, onto the param's sharding. Strict on paths/shapes."""
+    unused = set(replacements)
+
+    def put(path, leaf, shard):
+        name = sharding.path_str(path)
+        if name not in replacements:
+            return leaf
+        unused.discard(name)
+        value = np.asarray(replacements[name])
+        if value.shape != leaf.shape:
+            raise ValueError(f"{what}: tensor for {name} has shape {value.shape}, the model expects {leaf.shape}")
+        return jax.device_put(value.astype(leaf.dtype), shard)
+
+    out = jax.tree_util.tree_map_with_path(put, params, shardings)
+    if unused:
+        raise ValueError(f"{what}: no model parameter at {sorted(unused)}")
+    return out
+
+
+@dataclasses.dataclass
+class Skeleton:
+    """The shapes and shardings of a run's train state, before any array exists."""
+    family: Family
+    mesh: jax.sharding.Mesh
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    total_steps: int
+    init_fn: Any
+    abstract_state: Any     # ShapeDtypeStructs carrying their shardings
+    state_shardings: Any
+
+
+def skeleton(config) -> Skeleton:
+    config_lib.validate(config)
+    family = get_family(config)
+    mesh = sharding.make_mesh(config.mesh)
+    steps = total_steps(config)
+    rules = [tuple(r) for r in config.sharding_rules]
+    init_fn = lambda r: family.init(r, dummy_batch(config))  # noqa: E731
+    rng = jax.random.key(config.seed)
+    abstract_params = jax.eval_shape(init_fn, rng)
+    tx, schedule = optim.make_optimizer(config.optim, abstract_params, steps)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    rep = sharding.replicated(mesh)
+    shardings = {"step": rep, "params": sharding.param_shardings(abstract_params, mesh, rules),
+                 "opt_state": sharding.param_shardings(abstract_opt, mesh, rules), "rng": rep}
+    abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
+                "opt_state": abstract_opt, "rng": jax.eval_shape(lambda: rng)}
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return Skeleton(family, mesh, tx, schedule, steps, init_fn, abstract, shardings)
+
+
+def restore(sk: Skeleton, workdir: str, step: int | None = None) -> tuple[int, dict] | None:
+    """(step, state) of the given or newest good checkpoint in workdir, or None if it has none."""
+    path = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(path):
+        return None
+    ck = ckpt_lib.Checkpointer(path, read_only=True)
+    try:
+        if step is not None:
+            return step, ck.restore(step, sk.abstract_state)[0]
+        found = ck.restore_latest_good(sk.abstract_state)
+        return None if found is None else (found[0], found[1])
+    finally:
+        ck.close()
+
+
+def fresh_state(sk: Skeleton, config) -> tuple[dict, list[str]]:
+    """Initial state: random init on the shardings, pretrained weights, data statistics."""
+    p_shard = sk.state_shardings["params"]
+    init_rng, state_rng = jax.random.split(jax.random.key(config.seed))
+    params = jax.jit(sk.init_fn, out_shardings=p_shard)(init_rng)
+    replacements, notes = sk.family.load_pretrained(sk.abstract_state["params"])
+    params = _merge(params, replacements, p_shard, "pretrained weights")
+    batches = (sharding.global_batch(b, sk.mesh)
+               for b in pipeline.make_train_iterator(config.input, sk.family.tokenizer))
+    stats, prep_notes = sk.family.prepare(params, batches)
+    params = _merge(params, stats, p_shard, "data statistics")
+    opt_state = jax.jit(sk.tx.init, out_shardings=sk.state_shardings["opt_state"])(params)
+    rep = sk.state_shardings["step"]
+    state = {"step": jax.device_put(jnp.int32(0), rep), "params": params, "opt_state": opt_state,
+             "rng": jax.device_put(state_rng, rep)}
+    return state, notes + prep_notes
+
+
+def make_train_step(family: Family, tx: optax.GradientTransformation, schedule, state_shardings):
+    def step_fn(state, batch):
+        rng = jax.random.fold_in(state["rng"], state["step"])
+
+        def loss_fn(params):
+            return family.loss(params, batch, rng, train=True)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
+        return new_state, metrics
+
+    return jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag checked at step boundaries."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signal = signum
+        print(f"[train] received {signal.Signals(signum).name}: saving a checkpoint at the next step",
+              flush=True)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
+    """Trains (resuming if the workdir has a checkpoint) and evaluates. Returns the last metrics."""
+    os.makedirs(workdir, exist_ok=True)
+    s = skeleton(config)
+    found = restore(s, workdir)
+    if found is not None:
+        state, notes = found[1], [f"resumed from {workdir}/checkpoints/{found[0]}"]
+    else:
+        state, notes = fresh_state(s, config)
+    for n in notes:
+        print(f"[train] {n}", flush=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    writer = MetricWriter(workdir)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
+    evaluator = Evaluator(s.family, config, s.mesh)
+    train_step = make_train_step(s.family, s.tx, s.schedule, s.state_shardings)
+
+    step = int(jax.device_get(state["step"]))
+    if jax.process_index() == 0:
+        n_params = optim.count_params(state["params"])
+        frozen = optim.frozen_mask(state["params"], list(config.optim.frozen))
+        n_frozen = optim.count_params(state["params"], frozen)
+        print(f"[train] {config.family}: {n_params:,} parameters ({n_params - n_frozen:,} trainable); "
+              f"{s.total_steps} steps of batch {config.input.batch_size}; mesh {dict(s.mesh.shape)}", flush=True)
+    batches = pipeline.make_train_iterator(config.input, s.family.tokenizer, start_step=step)
+    progress = Progress(s.total_steps, step, config.input.batch_size)
+    last: dict[str, Any] = {}
+
+    def save(step_):
+        checkpointer.save(step_, state, {"step": step_, "examples_seen": step_ * config.input.batch_size})
+
+    pending = None
+    with _StopRequest() as stop:
+        while step < s.total_steps:
+            batch = sharding.global_batch(next(batches), s.mesh)
+            state, metrics = train_step(state, batch)
+            step += 1
+            if pending is not None:
+                _check_finite(pending, step - 1, checkpointer)
+            pending = metrics
+            if step % config.log_every == 0 or step == s.total_steps:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                _check_finite(m, step, checkpointer)
+                m.update(progress.update(step, m))
+                writer.write(step, m, prefix="train/")
+                last.update(m)
+            if stop.signal is not None:
+                _check_finite(jax.device_get(metrics), step, checkpointer)
+                save(step)
+                checkpointer.wait()
+                print(f"[train] stopped at step {step}; checkpoint saved, resume by running again", flush=True)
+                checkpointer.close()
+                writer.close()
+                return last
+            if step % config.checkpoint.every_steps == 0 or step == s.total_steps:
+                _check_finite(jax.device_get(metrics), step, checkpointer)
+                save(step)
+            if config.eval.every_steps and (step % config.eval.every_steps == 0) and step != s.total_steps:
+                last.update(_evaluate(evaluator, state, step, workdir, config, writer))
+    checkpointer.wait()
+    checkpointer.close()
+    if config.eval.at_end:
+        last.update(_evaluate(evaluator, state, step, workdir, config, writer))
+    writer.close()
+    return last
+
+
+def _check_finite(metrics, step: int, checkpointer) -> None:
+    bad = [k for k in ("loss", "grad_norm") if k in metrics and not np.isfinite(float(metrics[k]))]
+    if bad:
+        checkpointer.wait()
+        good = checkpointer.latest_step()
+        checkpointer.close()
+        where = f"checkpoint of step {good} is intact" if good is not None else "no checkpoint was written yet"
+        raise NonFiniteError(f"non-finite {', '.join(bad)} at step {step}; stopping; the last good {where}")
+
+
+def _evaluate(evaluator: Evaluator, state, step, workdir, config, writer) -> dict[str, Any]:
+    out = {}
+    for n_steps in config.eval.sampling_steps:
+        t0 = time.perf_counter()
+        res = evaluator.run(state["params"], step=step, workdir=workdir, steps=n_steps,
+                            limit=config.eval.get("limit") or None,
+                            tag="" if n_steps == config.sampler.steps else f"_s{n_steps}")
+        if jax.process_index() == 0:
+            shown = {k: res[k] for k in ("bleu_4", "cider", "meteor", "rouge_l") if res.get(k) is not None}
+            print(f"[eval] step {step}, {n_steps} sampling steps, {res['num_images']} images "
+                  f"({time.perf_counter() - t0:.0f}s): " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()),
+                  flush=True)
+            writer.write(step, {k: v for k, v in res.items() if isinstance(v, (int, float))},
+                         prefix=f"eval_s{n_steps}/")
+            out.update({f"eval_s{n_steps}/{k}": v for k, v in res.items()})
+    return out
