@@ -1,0 +1,430 @@
+"""Input pipeline: any TFDS captioning builder -> numpy batches for training and evaluation.
+
+Reads datasets whose features follow `coco_captions` (`image`, `image/id`, and `captions` with a
+`text` sequence), e.g. `shapes_captions/default` (this project's synthetic set) and
+`coco_captions/2014` (Karpathy splits `train`, `restval`, `val`, `test`; train on
+`"train+restval"`). Every process reads its own slice, `tfds.even_splits(split, process_count)
+[process_index]`, and yields its local share of each global batch.
+
+Training stream (`make_train_iterator`)
+  Epoch `e` of a process visits its slice in an order shuffled (with a buffer of
+  `shuffle_buffer` records) by a seed derived from `(seed, e, process_index)`, and for every image
+  draws ONE of its captions with a stateless random choice keyed by `(seed, e, image/id)`; crop and
+  flip are drawn from the same key. Epochs follow each other forever and batches run across epoch
+  boundaries. So the stream is a pure function of `(config, process_index, process_count)`, and
+  batch `k` starts at example `k * local_batch` of it: `start_step=k` jumps to that epoch directly
+  and skips the remaining records *before* image decoding (images are read as encoded bytes and
+  decoded after the skip), which makes resuming cheap and exact.
+
+  Images: decoded to RGB, then either resized to `image_size` x `image_size` (bicubic,
+  antialiased, aspect not kept; no resampling when the image already has that size) or, with
+  `random_resized_crop`, a random crop of `crop_scale` of the area and aspect ratio in [3/4, 4/3]
+  (drawn uniformly, as `tf.image.sample_distorted_bounding_box` does; torchvision draws it
+  log-uniformly) resized likewise. Pixels are scaled to [0, 1] and normalised with `image_mean`
+  and `image_std`.
+
+  Flip: with `flip`, half of the training images are mirrored left-right and the sampled caption
+  has the words "left"/"right" (and "leftmost"/"rightmost") swapped so that it stays true of the
+  picture. Keep `flip` off for `shapes_captions`, whose captions are mostly about relative
+  positions; for COCO the word swap is usually right and rarely matters.
+
+  Captions are normalised (`text.normalize_caption`) and tokenized on the host, per batch, with
+  the fast tokenizer (padded to `max_length`, truncated, [CLS]/[SEP] included).
+
+Evaluation stream (`make_eval_iterator`)
+  Every example of the split exactly once, in the stored order; the last batch is padded and
+  `_mask` marks real examples; every process yields the same number of batches (fully masked ones
+  where it has fewer examples), so a multi-host evaluation never hangs on a collective.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from ladic_jax import config as config_lib
+from ladic_jax.data import text
+
+__all__ = [
+    "get_builder",
+    "make_train_iterator",
+    "make_eval_iterator",
+    "num_eval_examples",
+    "process_split",
+]
+
+# Datasets defined by this project: importing the module registers the builder with TFDS.
+_PROJECT_BUILDERS = {"shapes_captions": "ladic_jax.data.shapes_captions"}
+
+# Crop aspect-ratio range of the random resized crop (as in Inception / torchvision).
+_CROP_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
+# Independent random streams derived from the config seed.
+_SHUFFLE_STREAM, _EXAMPLE_STREAM = 1, 2
+# Per-example sub-streams.
+_CAPTION_KEY, _CROP_KEY, _FLIP_KEY = 0, 1, 2
+
+Batch = dict[str, Any]
+
+
+# --------------------------------------------------------------------------- dataset access
+
+
+def _keep_tf_off_accelerators() -> None:
+    """Hides GPUs from TensorFlow so tf.data never takes accelerator memory from JAX."""
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TF already initialised its devices; nothing left to do.
+        pass
+
+
+def get_builder(input_cfg) -> tfds.core.DatasetBuilder:
+    """Returns the TFDS builder named by `input_cfg.dataset` in `input_cfg.data_dir`.
+
+    Project datasets (`shapes_captions`) are registered on demand. The dataset must have been
+    prepared (`ladic-data build ...`, or `tfds build coco_captions` for COCO).
+    """
+    _keep_tf_off_accelerators()
+    name = input_cfg.dataset
+    module = _PROJECT_BUILDERS.get(name.split("/")[0].split(":")[0])
+    if module is not None:
+        importlib.import_module(module)
+    try:
+        builder = tfds.builder(name, data_dir=input_cfg.data_dir)
+    except Exception as e:  # TFDS raises several types for an unknown name.
+        raise ValueError(f"config.input.dataset={name!r} is not a known TFDS dataset: {e}") from e
+    if not builder.info.splits:
+        raise ValueError(
+            f"config.input.dataset={name!r} is not prepared in data_dir={input_cfg.data_dir!r} "
+            f"(looked in {builder.data_dir}); build it first, e.g. `ladic-data build shapes_captions "
+            f"--data_dir DIR`")
+    return builder
+
+
+def _num_examples(builder: tfds.core.DatasetBuilder, split, field: str) -> int:
+    """Number of examples of a split spec (sub-splits and `a+b` included), naming `field` on error."""
+    try:
+        return builder.info.splits[split].num_examples
+    except (KeyError, ValueError, AssertionError) as e:
+        raise ValueError(
+            f"{field}={split!r} is not a valid split of {builder.info.full_name} "
+            f"(splits: {sorted(builder.info.splits)}): {e}") from e
+
+
+def _process_slot(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    """Fills in this process' index and the process count from JAX when not given."""
+    if process_index is None or process_count is None:
+        import jax  # Only needed for the defaults.
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index must be in [0, {process_count}), got {process_index}")
+    return process_index, process_count
+
+
+def process_split(split: str, process_index: int, process_count: int):
+    """The slice of `split` read by one process: `tfds.even_splits(split, n)[i]`."""
+    return tfds.even_splits(split, process_count)[process_index]
+
+
+def _head_split(builder: tfds.core.DatasetBuilder, split: str, limit: int, field: str) -> str:
+    """The first `limit` examples of `split` (in stored order) as an absolute split spec."""
+    _num_examples(builder, split, field)  # Validates the spec with a clear message.
+    parts = []
+    remaining = limit
+    for inst in tfds.core.ReadInstruction.from_spec(split).to_absolute(builder.info.splits):
+        if remaining <= 0:
+            break
+        start = inst.from_ or 0
+        stop = builder.info.splits[inst.splitname].num_examples if inst.to is None else inst.to
+        take = min(stop - start, remaining)
+        if take > 0:
+            parts.append(f"{inst.splitname}[{start}:{start + take}]")
+            remaining -= take
+    if not parts:
+        raise ValueError(f"{field}={split!r} limited to {limit} examples is empty")
+    return "+".join(parts)
+
+
+def _decoders() -> tfds.decode.PartialDecoding:
+    """Reads only what the pipeline uses, with the image left encoded (decoded later by us)."""
+    return tfds.decode.PartialDecoding(
+        {"image": True, "image/id": True, "captions": {"text": True}},
+        decoders={"image": tfds.decode.SkipDecoding()},
+    )
+
+
+def _read(builder: tfds.core.DatasetBuilder, split) -> tf.data.Dataset:
+    """The split's records in stored order, image still encoded."""
+    return builder.as_dataset(split=split, shuffle_files=False, decoders=_decoders())
+
+
+# --------------------------------------------------------------------------- image ops
+
+
+def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """uint8 (h, w, 3) -> float32 (size, size, 3) in [0, 255]; bicubic, antialiased."""
+    shape = tf.shape(image)
+    same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
+    resized = tf.cond(
+        same,
+        lambda: tf.cast(image, tf.float32),
+        lambda: tf.image.resize(image, [size, size], method="bicubic", antialias=True),
+    )
+    return tf.clip_by_value(tf.ensure_shape(resized, [size, size, 3]), 0.0, 255.0)
+
+
+def _random_resized_crop(image: tf.Tensor, size: int, scale, seed: tf.Tensor) -> tf.Tensor:
+    """A crop of `scale` of the area, aspect in [3/4, 4/3], resized to (size, size)."""
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image),
+        bounding_boxes=tf.constant([[[0.0, 0.0, 1.0, 1.0]]]),
+        seed=seed,
+        min_object_covered=float(scale[0]),
+        aspect_ratio_range=_CROP_ASPECT,
+        area_range=(float(scale[0]), float(scale[1])),
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
+    )
+    return _resize(tf.slice(image, begin, crop_size), size)
+
+
+def _normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
+    """[0, 255] -> [0, 1] -> (x - mean) / std, per channel."""
+    mean = tf.constant(mean, tf.float32)
+    std = tf.constant(std, tf.float32)
+    return (image / 255.0 - mean) / std
+
+
+def _fold(key: tf.Tensor, data) -> tf.Tensor:
+    return tf.random.experimental.stateless_fold_in(key, tf.cast(data, tf.int64))
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _local_batch_size(global_batch: int, process_count: int, field: str) -> int:
+    if global_batch <= 0 or global_batch % process_count:
+        raise config_lib.ConfigError(
+            f"{field} must be a positive integer divisible by the number of processes "
+            f"({process_count}), got {global_batch}")
+    return global_batch // process_count
+
+
+def _train_dataset(cfg, builder, split, num_local: int, local_batch: int, start_step: int,
+                   process_index: int) -> tf.data.Dataset:
+    """The tf.data part of the training stream (see the module docstring)."""
+    features = builder.info.features
+    records = _read(builder, split)
+    seed = int(cfg.seed)
+    buffer = min(int(cfg.shuffle_buffer), num_local)
+
+    def epoch(e):
+        ds = records
+        if buffer > 1:
+            key = _fold(_fold(tf.constant([seed, _SHUFFLE_STREAM], tf.int64), e), process_index)
+            shuffle_seed = tf.random.stateless_uniform([], key, minval=None, maxval=None, dtype=tf.int64)
+            ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+        return ds.map(lambda ex: {**ex, "epoch": e})
+
+    position = start_step * local_batch
+    ds = tf.data.Dataset.counter(position // num_local).flat_map(epoch)
+    ds = ds.skip(position % num_local)  # Still encoded: skipping costs no decoding.
+
+    size, scale = int(cfg.image_size), tuple(cfg.crop_scale)
+    crop, flip = bool(cfg.random_resized_crop), bool(cfg.flip)
+
+    def preprocess(ex):
+        image_id = ex["image/id"]
+        key = _fold(_fold(tf.constant([seed, _EXAMPLE_STREAM], tf.int64), ex["epoch"]), image_id)
+        captions = ex["captions"]["text"]
+        n = tf.shape(captions)[0]
+        with tf.control_dependencies([tf.debugging.assert_positive(
+                n, message="a training example has no captions")]):
+            choice = tf.random.stateless_uniform(
+                [], _fold(key, _CAPTION_KEY), minval=0, maxval=n, dtype=tf.int32)
+        image = features["image"].decode_example(ex["image"])
+        if crop:
+            image = _random_resized_crop(image, size, scale, _fold(key, _CROP_KEY))
+        else:
+            image = _resize(image, size)
+        flipped = tf.constant(False)
+        if flip:
+            flipped = tf.random.stateless_uniform([], _fold(key, _FLIP_KEY)) < 0.5
+            image = tf.cond(flipped, lambda: tf.reverse(image, axis=[1]), lambda: image)
+        return {
+            "image": _normalize(image, cfg.image_mean, cfg.image_std),
+            "image_id": image_id,
+            "caption": captions[choice],
+            "flipped": flipped,
+        }
+
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def make_train_iterator(input_cfg, tokenizer=None, *, start_step: int = 0,
+                        process_index: int | None = None,
+                        process_count: int | None = None) -> Iterator[Batch]:
+    """Endless training batches for this process, starting at batch `start_step` of the stream.
+
+    Args:
+      input_cfg: the `config.input` section (validated here).
+      tokenizer: a fast HF tokenizer; loaded from `input_cfg.tokenizer` when None.
+      start_step: index of the first batch to yield; the stream from `start_step=k` equals the
+        uninterrupted stream from its batch `k` on.
+      process_index, process_count: this process' slot; default to JAX's.
+
+    Yields:
+      Local batches (`input_cfg.batch_size // process_count` examples): `image` float32 (B, H, W,
+      3) normalised; `tokens` int32 (B, L) and `token_mask` int32 (B, L) of the one caption
+      sampled for each image this epoch; `image_id` int64 (B,).
+    """
+    process_index, process_count = _process_slot(process_index, process_count)
+    config_lib.validate_input(input_cfg, process_count=process_count)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    local_batch = _local_batch_size(input_cfg.batch_size, process_count, "config.input.batch_size")
+    if tokenizer is None:
+        tokenizer = text.load_tokenizer(input_cfg.tokenizer)
+    builder = get_builder(input_cfg)
+    _num_examples(builder, input_cfg.train_split, "config.input.train_split")  # Clear error first.
+    split = process_split(input_cfg.train_split, process_index, process_count)
+    num_local = builder.info.splits[split].num_examples
+    if num_local == 0:
+        raise ValueError(f"config.input.train_split={input_cfg.train_split!r} gives process "
+                         f"{process_index} of {process_count} no examples")
+    ds = _train_dataset(input_cfg, builder, split, num_local, local_batch, int(start_step),
+                        process_index)
+    return _train_batches(ds, tokenizer, int(input_cfg.max_length))
+
+
+def _train_batches(ds: tf.data.Dataset, tokenizer, max_length: int) -> Iterator[Batch]:
+    for batch in ds.as_numpy_iterator():
+        captions = [text.normalize_caption(c) for c in batch["caption"]]
+        captions = [text.swap_left_right(c) if f else c for c, f in zip(captions, batch["flipped"])]
+        tokens, mask = text.tokenize(tokenizer, captions, max_length)
+        yield {
+            "image": batch["image"],
+            "tokens": tokens,
+            "token_mask": mask,
+            "image_id": batch["image_id"].astype(np.int64),
+        }
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _eval_split(builder, input_cfg, split: str | None, limit: int | None) -> str:
+    split = input_cfg.eval_split if split is None else split
+    field = "config.input.eval_split" if split == input_cfg.eval_split else "split"
+    if limit is not None:
+        if limit <= 0:
+            raise ValueError(f"limit must be a positive number of examples, got {limit}")
+        split = _head_split(builder, split, int(limit), field)
+    _num_examples(builder, split, field)
+    return split
+
+
+def num_eval_examples(input_cfg, split: str | None = None, limit: int | None = None) -> int:
+    """Number of examples `make_eval_iterator` scores (over all processes) for this split."""
+    builder = get_builder(input_cfg)
+    split = _eval_split(builder, input_cfg, split, limit)
+    return builder.info.splits[split].num_examples
+
+
+def make_eval_iterator(input_cfg, tokenizer=None, *, split: str | None = None,
+                       batch_size: int | None = None, process_index: int | None = None,
+                       process_count: int | None = None,
+                       limit: int | None = None) -> Iterator[Batch]:
+    """Every example of `split` once, in stored order, in padded batches for this process.
+
+    Args:
+      input_cfg: the `config.input` section (validated here).
+      tokenizer: a fast HF tokenizer; loaded from `input_cfg.tokenizer` when None.
+      split: TFDS split spec; `input_cfg.eval_split` when None.
+      batch_size: global batch size; `input_cfg.eval_batch_size` when None.
+      process_index, process_count: this process' slot; default to JAX's.
+      limit: score only the first `limit` examples of the split (before per-process slicing).
+
+    Yields:
+      Local batches of `batch_size // process_count` rows: `image` float32 (B, H, W, 3),
+      `image_id` int64 (B,) (-1 on padding), `_mask` bool (B,) (False on padding), `references`
+      (list of B lists of normalised caption strings; empty on padding), and `tokens`/`token_mask`
+      int32 (B, L) of each example's first reference. All processes yield the same number of
+      batches.
+    """
+    process_index, process_count = _process_slot(process_index, process_count)
+    config_lib.validate_input(input_cfg, process_count=process_count)
+    if batch_size is None:
+        local_batch = _local_batch_size(input_cfg.eval_batch_size, process_count,
+                                        "config.input.eval_batch_size")
+    else:
+        local_batch = _local_batch_size(batch_size, process_count, "batch_size")
+    if tokenizer is None:
+        tokenizer = text.load_tokenizer(input_cfg.tokenizer)
+    builder = get_builder(input_cfg)
+    split = _eval_split(builder, input_cfg, split, limit)
+    subsplits = tfds.even_splits(split, process_count)
+    counts = [builder.info.splits[s].num_examples for s in subsplits]
+    if sum(counts) == 0:
+        raise ValueError(f"evaluation split {split!r} of {builder.info.full_name} is empty")
+    num_batches = max(math.ceil(c / local_batch) for c in counts)
+    ds = _eval_dataset(input_cfg, builder, subsplits[process_index], counts[process_index],
+                       local_batch, num_batches)
+    return _eval_batches(ds, tokenizer, int(input_cfg.max_length))
+
+
+def _eval_dataset(cfg, builder, split, count: int, local_batch: int,
+                  num_batches: int) -> tf.data.Dataset:
+    size = int(cfg.image_size)
+    image_feature = builder.info.features["image"]
+
+    def preprocess(ex):
+        image = _resize(image_feature.decode_example(ex["image"]), size)
+        return {
+            "image": _normalize(image, cfg.image_mean, cfg.image_std),
+            "image_id": ex["image/id"],
+            "captions": ex["captions"]["text"],
+            "_mask": tf.constant(True),
+        }
+
+    padding = tf.data.Dataset.from_tensors({
+        "image": tf.zeros([size, size, 3], tf.float32),
+        "image_id": tf.constant(-1, tf.int64),
+        "captions": tf.zeros([0], tf.string),
+        "_mask": tf.constant(False),
+    }).repeat(num_batches * local_batch - count)
+    if count:
+        ds = _read(builder, split).map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+                                       deterministic=True)
+        ds = ds.concatenate(padding)
+    else:  # This process has no examples: only padding, to keep step with the others.
+        ds = padding
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.ragged_batch(local_batch).with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _eval_batches(ds: tf.data.Dataset, tokenizer, max_length: int) -> Iterator[Batch]:
+    for batch in ds:
+        references = [[text.normalize_caption(c) for c in caps]
+                      for caps in batch["captions"].to_list()]
+        tokens, mask = text.tokenize(tokenizer, [r[0] if r else "" for r in references], max_length)
+        yield {
+            "image": batch["image"].numpy(),
+            "image_id": batch["image_id"].numpy().astype(np.int64),
+            "_mask": batch["_mask"].numpy().astype(bool),
+            "references": references,
+            "tokens": tokens,
+            "token_mask": mask,
+        }

@@ -1,0 +1,129 @@
+"""Caption text: normalisation and tokenization around a Hugging Face fast tokenizer.
+
+Every caption that enters training or evaluation goes through `normalize_caption` first, so the
+model, the references and the metrics all see one spelling of the text:
+
+* Unicode NFKC, then lower-case;
+* curly quotes and backticks become a plain apostrophe; an apostrophe is kept only between two
+  letters or digits (possessives and contractions: "man's", "don't"), every other one is dropped;
+* every other punctuation or symbol character (anything that is not a letter, digit, apostrophe
+  or whitespace; also "_") becomes a space, so "t-shirt" -> "t shirt" and "dog." -> "dog";
+* runs of whitespace collapse to one space; leading and trailing space is removed.
+
+Tokenization runs on the host, in numpy, on whole batches (the fast tokenizers are written in
+Rust and batch well); it pads to a fixed length and truncates, keeping [CLS] ... [SEP].
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "normalize_caption",
+    "swap_left_right",
+    "load_tokenizer",
+    "tokenize",
+    "decode_tokens",
+]
+
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "`": "'", "\u02bc": "'"})
+# An apostrophe that does not sit between two letters/digits ("[^\W_]" is a letter or digit).
+_LOOSE_APOSTROPHE = re.compile(r"(?<![^\W_])'|'(?![^\W_])")
+# Anything that is not a word character, whitespace or apostrophe; and the underscore.
+_PUNCTUATION = re.compile(r"[^\w\s']|_")
+_WHITESPACE = re.compile(r"\s+")
+# What a BERT WordPiece decode leaves around a kept apostrophe: "man ' s" -> "man's".
+_SPACED_APOSTROPHE = re.compile(r"(?<=[^\W_])\s*'\s*(?=[^\W_])")
+
+_LEFT_RIGHT = {"left": "right", "right": "left", "leftmost": "rightmost", "rightmost": "leftmost"}
+_LEFT_RIGHT_WORD = re.compile(r"\b(" + "|".join(_LEFT_RIGHT) + r")\b")
+
+
+def normalize_caption(text: str | bytes) -> str:
+    """Returns the canonical form of a caption (see the module docstring for the rules)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    if not isinstance(text, str):
+        raise TypeError(f"caption must be str or bytes, got {type(text).__name__}: {text!r}")
+    text = unicodedata.normalize("NFKC", text).lower().translate(_APOSTROPHES)
+    text = _LOOSE_APOSTROPHE.sub(" ", text)
+    text = _PUNCTUATION.sub(" ", text)
+    return _WHITESPACE.sub(" ", text).strip()
+
+
+def swap_left_right(text: str) -> str:
+    """Swaps the words left<->right (and leftmost<->rightmost) in a normalised caption.
+
+    Used when a training image is flipped horizontally, so that the caption stays true of the
+    picture. Only whole, lower-case words are swapped ("right" as in "right now" is swapped too;
+    that error is rare and harmless next to a caption that contradicts its image).
+    """
+    return _LEFT_RIGHT_WORD.sub(lambda m: _LEFT_RIGHT[m.group(1)], text)
+
+
+def load_tokenizer(name_or_path: str):
+    """Loads a Hugging Face *fast* tokenizer from a local directory or a hub id.
+
+    A hub id resolves through the normal Hugging Face cache, so it works offline only when the
+    files are cached. Slow (pure Python) tokenizers are rejected: the input pipeline tokenizes
+    whole batches on the host and relies on the Rust implementation for speed.
+    """
+    import transformers  # Imported here: only the host input path needs it.
+
+    if not isinstance(name_or_path, str) or not name_or_path:
+        raise ValueError(f"tokenizer must be a local directory or a hub id, got {name_or_path!r}")
+    local = os.path.isdir(name_or_path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
+    except (OSError, ValueError) as e:
+        where = "local directory" if local else "hub id (not a local directory; offline needs the HF cache)"
+        raise ValueError(f"could not load tokenizer {name_or_path!r} as a {where}: {e}") from e
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"tokenizer {name_or_path!r} is not a fast tokenizer ({type(tokenizer).__name__})")
+    return tokenizer
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenizes a batch of (already normalised) texts to fixed-length id and mask arrays.
+
+    Adds the tokenizer's special tokens ([CLS] ... [SEP] for BERT), truncates to `max_length`
+    (the [SEP] is kept) and pads with the pad id.
+
+    Returns:
+      `(tokens, mask)`, both int32 of shape `(len(texts), max_length)`; `mask` is the attention
+      mask, 1 on real tokens including [CLS]/[SEP] and 0 on padding.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 to hold [CLS] and [SEP], got {max_length}")
+    texts = list(texts)
+    if not texts:
+        empty = np.zeros((0, max_length), np.int32)
+        return empty, empty.copy()
+    enc = tokenizer(
+        texts,
+        padding="max_length",
+        truncation=True,
+        max_length=max_length,
+        return_attention_mask=True,
+        return_token_type_ids=False,
+        return_tensors="np",
+    )
+    return enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+
+
+def decode_tokens(tokenizer, tokens: np.ndarray | Sequence[Sequence[int]]) -> list[str]:
+    """Decodes a batch of token ids to normalised captions (special tokens dropped).
+
+    The WordPiece decoder writes a kept apostrophe as a separate word ("man ' s"); it is joined
+    back, so that `decode_tokens(tokenize(normalize_caption(c)))` gives back the normalised caption
+    whenever every word of it is in the vocabulary.
+    """
+    texts = tokenizer.batch_decode(
+        np.asarray(tokens).tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False
+    )
+    return [_WHITESPACE.sub(" ", _SPACED_APOSTROPHE.sub("'", t)).strip() for t in texts]
