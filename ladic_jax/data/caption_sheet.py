@@ -1,0 +1,165 @@
+"""Contact sheets of captioned images, so that a person can check captions against pictures by eye.
+
+`render_sheet` lays out images (upscaled so small synthetic images are readable) in a grid with their
+captions printed underneath; `write_dataset_sheet` does this for the first examples of a split of any TFDS
+captioning dataset with `coco_captions`-style features (`image`, `captions/text`, optionally `image/id`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+_PAD = 8
+_LINE_SPACING = 3
+_TEXT = (20, 20, 20)
+_MUTED = (110, 110, 110)
+
+
+@dataclasses.dataclass(frozen=True)
+class SheetItem:
+    """One tile of the sheet: an image, its captions and a short label (e.g. the image id)."""
+
+    image: np.ndarray
+    captions: Sequence[str]
+    label: str = ""
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # A scalable TrueType font bundled with Pillow.
+    except (ImportError, OSError, TypeError):  # Pillow built without FreeType: small bitmap font.
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: float) -> list[str]:
+    """Greedy word wrap of `text` to lines no wider than `width` pixels (a long word gets its own line)."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if line and font.getlength(candidate) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = candidate
+    if line:
+        lines.append(line)
+    return lines or [""]
+
+
+def _fit(image: np.ndarray, tile: int) -> Image.Image:
+    """Scales an image to fit a tile x tile box: integer nearest-neighbour upscaling keeps pixels sharp."""
+    picture = Image.fromarray(np.asarray(image, dtype=np.uint8).squeeze()).convert("RGB")
+    w, h = picture.size
+    factor = tile / max(w, h)
+    if factor >= 1:
+        k = max(1, int(factor))
+        return picture.resize((w * k, h * k), Image.Resampling.NEAREST)
+    return picture.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.Resampling.LANCZOS)
+
+
+def render_sheet(items: Sequence[SheetItem], columns: int = 4, tile: int = 256, font_size: int = 15,
+                 max_captions: int = 5) -> Image.Image:
+    """A grid of `items`, each image fitted into `tile` pixels with up to `max_captions` captions below."""
+    if not items:
+        raise ValueError("render_sheet: no items to draw")
+    if columns < 1 or tile < 16 or font_size < 6 or max_captions < 1:
+        raise ValueError(f"render_sheet: need columns >= 1, tile >= 16, font_size >= 6, max_captions >= 1; "
+                         f"got columns={columns}, tile={tile}, font_size={font_size}, "
+                         f"max_captions={max_captions}")
+    font, small = _font(font_size), _font(max(6, font_size - 3))
+    line_height = font_size + _LINE_SPACING
+    blocks = []
+    for item in items:
+        lines = []
+        for k, caption in enumerate(item.captions[:max_captions]):
+            # Continuation lines are indented under the caption number.
+            wrapped = _wrap(f"{k + 1}. {caption}", font, tile - font.getlength("    "))
+            lines.extend([(wrapped[0], font, _TEXT)] + [("    " + w, font, _TEXT) for w in wrapped[1:]])
+        if item.label:
+            lines.insert(0, (item.label, small, _MUTED))
+        blocks.append((_fit(item.image, tile), lines))
+
+    columns = min(columns, len(items))
+    cell_w = tile + 2 * _PAD
+    rows = [blocks[i:i + columns] for i in range(0, len(blocks), columns)]
+    row_heights = [max(tile + _PAD + len(lines) * line_height for _, lines in row) + 2 * _PAD for row in rows]
+    sheet = Image.new("RGB", (columns * cell_w, sum(row_heights)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    top = 0
+    for row, height in zip(rows, row_heights):
+        for c, (picture, lines) in enumerate(row):
+            left = c * cell_w + _PAD
+            corner = (left + (tile - picture.width) // 2, top + _PAD + (tile - picture.height) // 2)
+            sheet.paste(picture, corner)
+            y = top + _PAD + tile + _PAD
+            for text, f, colour in lines:
+                draw.text((left, y), text, font=f, fill=colour)
+                y += line_height
+        top += height
+        draw.line([(0, top - 1), (sheet.width, top - 1)], fill=(220, 220, 220))
+    return sheet
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _builder(dataset: str, data_dir: str):
+    """The TFDS builder for `dataset` ("name" or "name/config"), with a short error for an unknown name."""
+    import difflib
+
+    import tensorflow_datasets as tfds  # Imported here: rendering a sheet of arrays needs no TF.
+
+    import ladic_jax.data.shapes_captions  # noqa: F401  Registers the project's own dataset with TFDS.
+
+    try:
+        return tfds.builder(dataset, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        name = dataset.split("/")[0]
+        close = difflib.get_close_matches(name, tfds.list_builders(with_community_datasets=False), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown TFDS dataset {dataset!r}{hint}") from None
+
+
+def load_items(dataset: str, split: str, data_dir: str, num: int) -> list[SheetItem]:
+    """The first `num` examples of `split` of a prepared TFDS captioning dataset, as sheet items.
+
+    `dataset` is a TFDS name, optionally with a config ("shapes_captions/long"). Raises FileNotFoundError if
+    the dataset is not prepared in `data_dir`, ValueError for an unknown name or split or missing features.
+    """
+    import tensorflow_datasets as tfds
+
+    if num < 1:
+        raise ValueError(f"num must be >= 1, got {num}")
+    builder = _builder(dataset, data_dir)
+    features = builder.info.features
+    if "image" not in features or "captions" not in features:
+        raise ValueError(f"dataset {dataset!r} is not a captioning dataset: it needs 'image' and 'captions' "
+                         f"features, it has {sorted(features.keys())}")
+    try:
+        ds = builder.as_dataset(split=split)
+    except AssertionError as e:  # What TFDS raises when the data is not there.
+        raise FileNotFoundError(f"dataset {dataset!r} is not prepared in data_dir {data_dir!r} (looked in "
+                                f"{builder.data_dir}); build it first, e.g. `ladic-data build "
+                                f"shapes_captions --data_dir {data_dir}`") from e
+    items = []
+    for example in tfds.as_numpy(ds.take(num)):
+        label = f"id {int(example['image/id'])}" if "image/id" in example else ""
+        items.append(SheetItem(example["image"], [_text(t) for t in example["captions"]["text"]], label))
+    if not items:
+        raise ValueError(f"split {split!r} of dataset {dataset!r} is empty")
+    return items
+
+
+def write_dataset_sheet(dataset: str, split: str, data_dir: str, out: str, num: int = 16, columns: int = 4,
+                        tile: int = 256, max_captions: int = 5) -> Image.Image:
+    """Renders the first `num` examples of a TFDS captioning split with their captions and saves to `out`."""
+    sheet = render_sheet(load_items(dataset, split, data_dir, num), columns=columns, tile=tile,
+                         max_captions=max_captions)
+    sheet.save(out)
+    return sheet
