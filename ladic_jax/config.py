@@ -168,8 +168,9 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
     """Applies "a.b.c=value" overrides in place (a leading "--config." is accepted) and returns config.
 
     The value is parsed to the type of the existing field (a field holding None, or declared with
-    `config_dict.placeholder(type)`, takes the placeholder type or any literal). Unknown fields raise
-    `ConfigError` naming the field and the keys that exist at that level.
+    `config_dict.placeholder(type)`, takes the placeholder type or any literal); `None` sets any
+    field to None. Unknown fields raise `ConfigError` naming the field and the keys that exist at
+    that level.
     """
     for override in overrides:
         item = override.strip()
@@ -188,7 +189,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
         if isinstance(current, ml_collections.ConfigDict):
             raise ConfigError(f"{field} is a section, not a value; override one of its fields")
         field_type = parent.get_type(key) if current is None else None
-        if current is None and raw.strip().lower() == "none":
+        if raw.strip() in ("None", "none"):
             value = None
         else:
             value = _convert(raw, current, field, None if field_type is type(None) else field_type)
