@@ -2,11 +2,13 @@
 
     ladic-data build shapes_captions [--config default|long|tiny] --data_dir DIR
     ladic-data show --dataset shapes_captions --split test --data_dir DIR --out sheet.png [--num 16]
+                    [--captions WORKDIR/eval/step_N_captions.jsonl]
 
 `build` generates `shapes_captions` (nothing is downloaded) and prints where it went and how long it took.
 `show` renders the first examples of a split of any prepared TFDS captioning dataset (`shapes_captions`,
 `shapes_captions/long`, `coco_captions`, ...) as a grid of upscaled images, each with its reference captions
-underneath, so the captions can be checked against the pictures by eye.
+underneath, so the captions can be checked against the pictures by eye. With `--captions` (the evaluator's
+JSON lines of image_id and caption) it shows the captioned images with the generated caption first.
 """
 
 from __future__ import annotations
@@ -57,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--tile", type=int, default=256,
                       help="pixels each image is scaled to fit; 64px images are upscaled 4x by the default "
                            "(default: %(default)s)")
-    show.add_argument("--captions", type=int, default=5,
+    show.add_argument("--captions", default=None, metavar="JSONL",
+                      help="generated captions to show with the references: a JSON-lines file of records "
+                           "with image_id and caption, e.g. WORKDIR/eval/step_N_captions.jsonl")
+    show.add_argument("--num_refs", type=int, default=5,
                       help="reference captions printed per image (default: %(default)s)")
     return parser
 
@@ -83,7 +88,7 @@ def _show(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"--out {args.out!r}: directory {out_dir!r} does not exist")
     sheet = caption_sheet.write_dataset_sheet(args.dataset, args.split, data_dir, args.out, num=args.num,
                                               columns=args.columns, tile=args.tile,
-                                              max_captions=args.captions)
+                                              max_captions=args.num_refs, generated_path=args.captions)
     print(f"wrote {args.out} ({sheet.width}x{sheet.height}px) from {args.dataset} split {args.split}")
 
 

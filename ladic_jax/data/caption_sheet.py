@@ -3,12 +3,16 @@
 `render_sheet` lays out images (upscaled so small synthetic images are readable) in a grid with their
 captions printed underneath; `write_dataset_sheet` does this for the first examples of a split of any TFDS
 captioning dataset with `coco_captions`-style features (`image`, `captions/text`, optionally `image/id`).
+Given a file of generated captions (JSON lines with `image_id` and `caption`, as the evaluator writes
+them), each tile shows the generated caption above the references, for the images that have one.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import json
+import os
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -17,15 +21,18 @@ _PAD = 8
 _LINE_SPACING = 3
 _TEXT = (20, 20, 20)
 _MUTED = (110, 110, 110)
+_GENERATED = (20, 70, 200)
 
 
 @dataclasses.dataclass(frozen=True)
 class SheetItem:
-    """One tile of the sheet: an image, its captions and a short label (e.g. the image id)."""
+    """One tile of the sheet: an image, its reference captions, a short label (e.g. the image id) and
+    optionally a generated caption to compare with them."""
 
     image: np.ndarray
     captions: Sequence[str]
     label: str = ""
+    generated: str | None = None
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -80,6 +87,10 @@ def render_sheet(items: Sequence[SheetItem], columns: int = 4, tile: int = 256, 
             # Continuation lines are indented under the caption number.
             wrapped = _wrap(f"{k + 1}. {caption}", font, tile - font.getlength("    "))
             lines.extend([(wrapped[0], font, _TEXT)] + [("    " + w, font, _TEXT) for w in wrapped[1:]])
+        if item.generated is not None:
+            wrapped = _wrap(f"generated: {item.generated}", font, tile - font.getlength("    "))
+            lines[:0] = [(wrapped[0], font, _GENERATED)] + [("    " + w, font, _GENERATED)
+                                                            for w in wrapped[1:]]
         if item.label:
             lines.insert(0, (item.label, small, _MUTED))
         blocks.append((_fit(item.image, tile), lines))
@@ -126,12 +137,36 @@ def _builder(dataset: str, data_dir: str):
         raise ValueError(f"unknown TFDS dataset {dataset!r}{hint}") from None
 
 
-def load_items(dataset: str, split: str, data_dir: str, num: int) -> list[SheetItem]:
+def read_generated(path: str) -> dict[int, str]:
+    """Generated captions by image id from a JSON-lines file of records with `image_id` and `caption`."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"captions file {path!r} does not exist")
+    generated = {}
+    with open(path) as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                generated[int(record["image_id"])] = str(record["caption"])
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}:{line_number}: expected a JSON object with an integer image_id "
+                                 f"and a caption ({type(e).__name__}: {e})") from None
+    if not generated:
+        raise ValueError(f"captions file {path!r} holds no records")
+    return generated
+
+
+def load_items(dataset: str, split: str, data_dir: str, num: int,
+               generated: Mapping[int, str] | None = None) -> list[SheetItem]:
     """The first `num` examples of `split` of a prepared TFDS captioning dataset, as sheet items.
 
-    `dataset` is a TFDS name, optionally with a config ("shapes_captions/long"). Raises FileNotFoundError if
-    the dataset is not prepared in `data_dir`, ValueError for an unknown name or split or missing features.
+    `dataset` is a TFDS name, optionally with a config ("shapes_captions/long"). With `generated` (captions
+    by image id), only the examples that have a generated caption are taken, and it is shown with them.
+    Raises FileNotFoundError if the dataset is not prepared in `data_dir`, ValueError for an unknown name or
+    split, missing features, or generated captions that match no image of the split.
     """
+    import tensorflow as tf
     import tensorflow_datasets as tfds
 
     if num < 1:
@@ -141,25 +176,43 @@ def load_items(dataset: str, split: str, data_dir: str, num: int) -> list[SheetI
     if "image" not in features or "captions" not in features:
         raise ValueError(f"dataset {dataset!r} is not a captioning dataset: it needs 'image' and 'captions' "
                          f"features, it has {sorted(features.keys())}")
+    if generated is not None and "image/id" not in features:
+        raise ValueError(f"dataset {dataset!r} has no 'image/id' feature to match generated captions with")
     try:
         ds = builder.as_dataset(split=split)
     except AssertionError as e:  # What TFDS raises when the data is not there.
         raise FileNotFoundError(f"dataset {dataset!r} is not prepared in data_dir {data_dir!r} (looked in "
                                 f"{builder.data_dir}); build it first, e.g. `ladic-data build "
                                 f"shapes_captions --data_dir {data_dir}`") from e
+    if generated is None:
+        ds = ds.take(num)
+    else:  # Keep the examples that were captioned; decode only those images.
+        ids = tf.constant(sorted(generated), dtype=tf.int64)
+        ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(ex["image/id"], ids))).take(num)
     items = []
-    for example in tfds.as_numpy(ds.take(num)):
-        label = f"id {int(example['image/id'])}" if "image/id" in example else ""
-        items.append(SheetItem(example["image"], [_text(t) for t in example["captions"]["text"]], label))
+    for example in tfds.as_numpy(ds):
+        image_id = int(example["image/id"]) if "image/id" in example else None
+        items.append(SheetItem(example["image"], [_text(t) for t in example["captions"]["text"]],
+                               label="" if image_id is None else f"id {image_id}",
+                               generated=None if generated is None else generated[image_id]))
+    if not items and generated is not None:
+        raise ValueError(f"none of the {len(generated)} generated captions matches an image id of split "
+                         f"{split!r} of dataset {dataset!r} (e.g. id {next(iter(generated))})")
     if not items:
         raise ValueError(f"split {split!r} of dataset {dataset!r} is empty")
     return items
 
 
 def write_dataset_sheet(dataset: str, split: str, data_dir: str, out: str, num: int = 16, columns: int = 4,
-                        tile: int = 256, max_captions: int = 5) -> Image.Image:
-    """Renders the first `num` examples of a TFDS captioning split with their captions and saves to `out`."""
-    sheet = render_sheet(load_items(dataset, split, data_dir, num), columns=columns, tile=tile,
-                         max_captions=max_captions)
+                        tile: int = 256, max_captions: int = 5, generated_path: str | None = None
+                        ) -> Image.Image:
+    """Renders the first `num` examples of a TFDS captioning split with their captions and saves to `out`.
+
+    With `generated_path` (JSON lines of image_id and caption) the images captioned there are shown, each
+    with its generated caption above the references.
+    """
+    generated = None if generated_path is None else read_generated(generated_path)
+    items = load_items(dataset, split, data_dir, num, generated)
+    sheet = render_sheet(items, columns=columns, tile=tile, max_captions=max_captions)
     sheet.save(out)
     return sheet

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import colorsys
 import hashlib
+import json
 import os
 import re
 
@@ -346,6 +347,36 @@ def test_cli_build_and_show(tmp_path, capsys):
     assert image.width == 3 * (256 + 16) and image.height > 2 * (256 + 5 * 15)
     pixels = np.asarray(image.convert("RGB"))
     assert (pixels.std(axis=(0, 1)) > 10).all()  # Not blank: pictures and text were drawn.
+
+    # With generated captions (the evaluator's JSON lines), only the captioned images are shown.
+    test_ids = [int(ex["image/id"]) for ex in tfds.as_numpy(
+        tfds.builder("shapes_captions/tiny", data_dir=data_dir).as_dataset(split="test"))]
+    captions = tmp_path / "step_10_captions.jsonl"
+    captions.write_text("".join(json.dumps({"image_id": i, "caption": "a red circle", "references": []}) + "\n"
+                                for i in test_ids[3:5]))
+    assert cli.main(["show", "--dataset", "shapes_captions/tiny", "--data_dir", data_dir, "--out", str(sheet),
+                     "--captions", str(captions), "--num", "16"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert Image.open(sheet).width == 2 * (256 + 16)  # Two captioned images: one row of two.
+
+    captions.write_text(json.dumps({"image_id": 123, "caption": "a red circle"}) + "\n")
+    assert cli.main(["show", "--dataset", "shapes_captions/tiny", "--data_dir", data_dir, "--out", str(sheet),
+                     "--captions", str(captions)]) == 1
+    assert "none of the 1 generated captions matches" in capsys.readouterr().err
+    captions.write_text('{"image_id": 1, "caption": "x"}\n{"caption": "no id"}\n')
+    assert cli.main(["show", "--dataset", "shapes_captions/tiny", "--data_dir", data_dir, "--out", str(sheet),
+                     "--captions", str(captions)]) == 1
+    assert f"{captions}:2: expected a JSON object" in capsys.readouterr().err
+
+
+def test_sheet_draws_generated_captions_in_their_own_colour():
+    image = np.full((64, 64, 3), 240, np.uint8)
+    plain = caption_sheet.render_sheet([caption_sheet.SheetItem(image, ["a red circle"])], tile=128)
+    marked = caption_sheet.render_sheet(
+        [caption_sheet.SheetItem(image, ["a red circle"], generated="a blue square")], tile=128)
+    bluish = lambda sheet: int(np.sum(np.asarray(sheet)[..., 2].astype(int) - np.asarray(sheet)[..., 0] > 80))
+    assert bluish(plain) == 0 and bluish(marked) > 20
+    assert marked.height > plain.height
 
 
 @pytest.mark.parametrize("argv, message", [
