@@ -2,14 +2,18 @@
 
 Layout under a run's workdir (local path or any `etils.epath` URL such as gs://):
 
-    WORKDIR/eval/step_<N>.json            metrics of checkpoint N, plus num_images, sampling_steps,
-                                          seconds_per_image (and anything else the caller adds)
-    WORKDIR/eval/step_<N>_captions.jsonl  one record per image: image_id, caption, references
-    WORKDIR/eval/metrics.txt, metrics.png written by `write_report`
+    WORKDIR/eval/step_<N><TAG>.json            metrics of checkpoint N, plus step, tag, num_images,
+                                               sampling_steps, seconds_per_image (and anything else
+                                               the caller adds, e.g. guidance)
+    WORKDIR/eval/step_<N><TAG>_captions.jsonl  one record per image: image_id, caption, references
+    WORKDIR/eval/metrics.txt, metrics.png      written by `write_report`
+
+TAG is "" for an evaluation with the run's own sampler settings, or a suffix such as "_s30" (30
+sampling steps) or "_s5_w2" so that several evaluations of one checkpoint sit side by side.
 
 Every file is written to a temporary name and renamed into place, so a crash leaves either the old file
 or none, never half of one. The captions are written before the metrics, so the presence of
-``step_<N>.json`` means the evaluation of step N is complete: that is what `evaluated_steps` lists.
+``step_<N><TAG>.json`` means that evaluation is complete: that is what `evaluated_steps` lists.
 """
 
 from __future__ import annotations
@@ -27,12 +31,13 @@ from typing import Any
 import numpy as np
 from etils import epath
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 EVAL_DIR = "eval"
 TABLE_FILE = "metrics.txt"
 PLOT_FILE = "metrics.png"
-RUN_FIELDS = ("num_images", "sampling_steps", "seconds_per_image")
-_METRICS_RE = re.compile(r"^step_(\d+)\.json$")
+_METRICS_RE = re.compile(r"^step_(\d+)((?:_[A-Za-z0-9.=+-][A-Za-z0-9_.=+-]*)?)\.json$")
+_TAG_RE = re.compile(r"^(?:_[A-Za-z0-9.=+-][A-Za-z0-9_.=+-]*)?$")
 
 # (key in the metrics JSON, column title); scores are shown x100 as in papers.
 SCORE_COLUMNS = (("bleu_1", "B@1"), ("bleu_2", "B@2"), ("bleu_3", "B@3"), ("bleu_4", "B@4"),
@@ -44,12 +49,19 @@ def eval_dir(workdir: str | os.PathLike) -> epath.Path:
     return epath.Path(workdir) / EVAL_DIR
 
 
-def metrics_path(workdir: str | os.PathLike, step: int) -> epath.Path:
-    return eval_dir(workdir) / f"step_{step}.json"
+def _check_tag(tag: object) -> str:
+    if not isinstance(tag, str) or not _TAG_RE.match(tag):
+        raise ValueError(f"tag must be '' or '_' followed by letters, digits and _.=+- (e.g. '_s30'), "
+                         f"got {tag!r}")
+    return tag
 
 
-def captions_path(workdir: str | os.PathLike, step: int) -> epath.Path:
-    return eval_dir(workdir) / f"step_{step}_captions.jsonl"
+def metrics_path(workdir: str | os.PathLike, step: int, tag: str = "") -> epath.Path:
+    return eval_dir(workdir) / f"step_{_check_step(step)}{_check_tag(tag)}.json"
+
+
+def captions_path(workdir: str | os.PathLike, step: int, tag: str = "") -> epath.Path:
+    return eval_dir(workdir) / f"step_{_check_step(step)}{_check_tag(tag)}_captions.jsonl"
 
 
 def _write_atomically(path: epath.Path, data: bytes) -> None:
@@ -78,10 +90,14 @@ def _dumps(value: Any, **kwargs) -> str:
     return json.dumps(value, default=_to_json, ensure_ascii=False, **kwargs)
 
 
+def _check_int(value: object, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def _check_step(step: object) -> int:
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-        raise ValueError(f"step must be a non-negative int, got {step!r}")
-    return int(step)
+    return _check_int(step, "step")
 
 
 def _check_caption_record(i: int, record: object) -> dict:
@@ -108,74 +124,111 @@ def _check_caption_record(i: int, record: object) -> dict:
 
 
 def write_eval(workdir: str | os.PathLike, step: int, metrics: Mapping[str, Any],
-               captions: Sequence[Mapping[str, Any]], *, sampling_steps: int, seconds_per_image: float,
-               num_images: int | None = None) -> epath.Path:
-    """Writes the evaluation of checkpoint `step`: ``eval/step_<N>.json`` and its captions beside it.
+               captions: Sequence[Mapping[str, Any]], *, tag: str = "", sampling_steps: int | None = None,
+               seconds_per_image: float | None = None, num_images: int | None = None) -> epath.Path:
+    """Writes the evaluation of checkpoint `step`: ``eval/step_<N><tag>.json`` and its captions beside it.
 
     Args:
       workdir: the run's directory.
       step: training step of the evaluated checkpoint.
-      metrics: e.g. the output of `caption_metrics` (any JSON-serializable values; numpy scalars are
-        converted).
+      metrics: e.g. the output of `caption_metrics`, plus anything else JSON-serializable (numpy scalars
+        are converted). It may carry the run fields below instead of the keyword arguments.
       captions: one dict per image with ``image_id``, ``caption``, ``references`` (other keys are kept).
-      sampling_steps: number of denoising steps used to sample the captions.
-      seconds_per_image: sampling wall time per image.
+      tag: "" or a suffix such as "_s30" naming non-default sampler settings.
+      sampling_steps: number of denoising steps used to sample the captions (required, here or in
+        `metrics`).
+      seconds_per_image: sampling wall time per image (None if it could not be measured).
       num_images: number of evaluated images; default ``len(captions)``, and it must equal it.
 
     Returns:
-      The path of the metrics JSON. An existing evaluation of the same step is replaced.
+      The path of the metrics JSON. An earlier evaluation with the same step and tag is replaced.
     """
-    step = _check_step(step)
+    step, tag = _check_step(step), _check_tag(tag)
     if not isinstance(metrics, Mapping) or not all(isinstance(k, str) for k in metrics):
         raise TypeError(f"metrics must be a dict with str keys, got {type(metrics).__name__}")
-    clashes = sorted(set(metrics) & (set(RUN_FIELDS) | {"step"}))
+    clashes = sorted({"step", "tag"} & set(metrics))
     if clashes:
         raise ValueError(f"metrics must not contain {clashes}: write_eval sets those fields itself")
     if isinstance(captions, (str, Mapping)) or not isinstance(captions, Sequence):
         raise TypeError(f"captions must be a list of dicts, got {type(captions).__name__}")
     records = [_check_caption_record(i, r) for i, r in enumerate(captions)]
-    if num_images is None:
-        num_images = len(records)
-    elif num_images != len(records):
-        raise ValueError(f"num_images={num_images} but {len(records)} caption records were given")
-    _check_step(sampling_steps)
-    if (isinstance(seconds_per_image, bool) or not isinstance(seconds_per_image, numbers.Real)
-            or not seconds_per_image >= 0):
-        raise ValueError(f"seconds_per_image must be a non-negative number, got {seconds_per_image!r}")
+
+    fields = {}
+    given = {"num_images": num_images, "sampling_steps": sampling_steps,
+             "seconds_per_image": seconds_per_image}
+    for name, value in given.items():
+        if value is not None and metrics.get(name) is not None and metrics[name] != value:
+            raise ValueError(f"{name} is given twice with different values: {value!r} as an argument, "
+                             f"{metrics[name]!r} in metrics")
+        fields[name] = value if value is not None else metrics.get(name)
+    if fields["num_images"] is None:
+        fields["num_images"] = len(records)
+    elif fields["num_images"] != len(records):
+        raise ValueError(f"num_images={fields['num_images']} but {len(records)} caption records were given")
+    if fields["sampling_steps"] is None:
+        raise ValueError("sampling_steps is required (as an argument or in metrics)")
+    fields["sampling_steps"] = _check_int(fields["sampling_steps"], "sampling_steps", minimum=1)
+    seconds = fields["seconds_per_image"]
+    if seconds is not None:
+        if isinstance(seconds, bool) or not isinstance(seconds, numbers.Real) or not seconds >= 0:
+            raise ValueError(f"seconds_per_image must be a non-negative number or None, got {seconds!r}")
+        fields["seconds_per_image"] = float(seconds)
+    fields["num_images"] = int(fields["num_images"])
 
     lines = "".join(_dumps(r) + "\n" for r in records)
-    _write_atomically(captions_path(workdir, step), lines.encode("utf-8"))
-    result = {"step": step, **metrics, "num_images": int(num_images),
-              "sampling_steps": int(sampling_steps), "seconds_per_image": float(seconds_per_image)}
-    path = metrics_path(workdir, step)
+    _write_atomically(captions_path(workdir, step, tag), lines.encode("utf-8"))
+    result = {"step": step, "tag": tag, **metrics, **fields}
+    path = metrics_path(workdir, step, tag)
     _write_atomically(path, (_dumps(result, indent=2) + "\n").encode("utf-8"))
     return path
 
 
-def evaluated_steps(workdir: str | os.PathLike) -> list[int]:
-    """Steps with a complete evaluation (a ``step_<N>.json``) in the workdir, ascending."""
+def _metrics_files(workdir: str | os.PathLike) -> list[tuple[str, int]]:
+    """(tag, step) of every complete evaluation, sorted."""
     directory = eval_dir(workdir)
     if not directory.exists():
         return []
-    steps = (_METRICS_RE.match(p.name) for p in directory.iterdir())
-    return sorted(int(m.group(1)) for m in steps if m)
+    found = (_METRICS_RE.match(p.name) for p in directory.iterdir())
+    return sorted((m.group(2), int(m.group(1))) for m in found if m)
 
 
-def read_evals(workdir: str | os.PathLike) -> dict[int, dict]:
-    """All evaluations of a run: step -> the dict stored in ``step_<N>.json``, ascending by step."""
-    evals = {}
-    for step in evaluated_steps(workdir):
-        path = metrics_path(workdir, step)
-        try:
-            evals[step] = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from e
-    return evals
+def eval_tags(workdir: str | os.PathLike) -> list[str]:
+    """The tags of the evaluations in the workdir ("" first when present)."""
+    return sorted({tag for tag, _ in _metrics_files(workdir)})
 
 
-def read_captions(workdir: str | os.PathLike, step: int) -> list[dict]:
-    """The caption records written with the evaluation of `step`."""
-    path = captions_path(workdir, _check_step(step))
+def evaluated_steps(workdir: str | os.PathLike, tag: str = "") -> list[int]:
+    """Steps with a complete evaluation (``step_<N><tag>.json``) in the workdir, ascending."""
+    _check_tag(tag)
+    return [step for t, step in _metrics_files(workdir) if t == tag]
+
+
+def _read_json(path: epath.Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def read_evals(workdir: str | os.PathLike, tag: str = "") -> dict[int, dict]:
+    """The evaluations of a run with one tag: step -> the dict stored in its JSON, ascending by step."""
+    return {step: _read_json(metrics_path(workdir, step, tag)) for step in evaluated_steps(workdir, tag)}
+
+
+def read_all_evals(workdir: str | os.PathLike) -> list[dict]:
+    """Every evaluation of a run, all tags, sorted by (tag, step); each dict has "step" and "tag"."""
+    records = []
+    for tag, step in _metrics_files(workdir):
+        record = _read_json(metrics_path(workdir, step, tag))
+        record.setdefault("step", step)
+        record.setdefault("tag", tag)
+        records.append(record)
+    return records
+
+
+def read_captions(workdir: str | os.PathLike, step: int, tag: str = "") -> list[dict]:
+    """The caption records written with the evaluation of `step` (and `tag`)."""
+    path = captions_path(workdir, step, tag)
     records = []
     for line_number, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
@@ -184,6 +237,22 @@ def read_captions(workdir: str | os.PathLike, step: int) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{line_number} is not valid JSON: {e}") from e
     return records
+
+
+Evals = Mapping[int, Mapping[str, Any]] | Sequence[Mapping[str, Any]]
+
+
+def _as_records(evals: Evals) -> list[Mapping[str, Any]]:
+    """{step: record} (as from `read_evals`) or a list of records (as from `read_all_evals`)."""
+    if isinstance(evals, Mapping):
+        return [{**evals[step], "step": step} for step in sorted(evals)]
+    if isinstance(evals, str) or not isinstance(evals, Sequence):
+        raise TypeError(f"evals must be a dict step -> record or a list of records, got "
+                        f"{type(evals).__name__}")
+    for i, record in enumerate(evals):
+        if not isinstance(record, Mapping) or "step" not in record:
+            raise ValueError(f"evals[{i}] must be a dict with a 'step' key")
+    return list(evals)
 
 
 def _number(value: Any) -> float | None:
@@ -204,61 +273,88 @@ def _cell(record: Mapping[str, Any], key: str, scale: float = 100.0, fmt: str = 
     return format(number * scale, fmt)
 
 
-def format_table(evals: Mapping[int, Mapping[str, Any]]) -> str:
-    """An aligned text table, one row per step: B@1..B@4, METEOR, ROUGE-L, CIDEr, SPICE (x100), s/img.
+def format_table(evals: Evals) -> str:
+    """An aligned text table, one row per evaluation: B@1..B@4, METEOR, ROUGE-L, CIDEr, SPICE (x100), s/img.
 
-    Also shows the number of sampling steps and images. A metric that was not computed (SPICE without
-    its jars) shows "n/a"; a missing key shows "-".
+    Also shows the sampling steps T, the guidance w when any evaluation records one, and the number of
+    images. A metric that was not computed (SPICE without its jars) shows "n/a"; a missing key "-".
+    Rows come in step order for a {step: record} dict, in list order for a list of records.
     """
-    header = ["step"] + [title for _, title in SCORE_COLUMNS] + ["s/img", "T", "images"]
+    records = _as_records(evals)
+    extra = [("seconds_per_image", "s/img", ".4g"), ("sampling_steps", "T", ".0f")]
+    if any("guidance" in r for r in records):
+        extra.append(("guidance", "w", "g"))
+    extra.append(("num_images", "images", ".0f"))
+    header = ["step"] + [title for _, title in SCORE_COLUMNS] + [title for _, title, _ in extra]
     rows = []
-    for step in sorted(evals):
-        record = evals[step]
-        row = [str(step)] + [_cell(record, key) for key, _ in SCORE_COLUMNS]
-        row.append(_cell(record, "seconds_per_image", scale=1.0, fmt=".4g"))
-        row.append(_cell(record, "sampling_steps", scale=1.0, fmt=".0f"))
-        row.append(_cell(record, "num_images", scale=1.0, fmt=".0f"))
+    for record in records:
+        row = [str(record["step"])] + [_cell(record, key) for key, _ in SCORE_COLUMNS]
+        row += [_cell(record, key, scale=1.0, fmt=fmt) for key, _, fmt in extra]
         rows.append(row)
     widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in [header] + rows]
     rule = "-" * len(lines[0])
     caption = "scores x100; s/img = sampling seconds per image; T = sampling steps"
+    if any("guidance" in r for r in records):
+        caption += "; w = guidance"
     return "\n".join([caption, lines[0], rule] + lines[1:]) + "\n"
 
 
-def plot_metrics(evals: Mapping[int, Mapping[str, Any]], out_png: str | os.PathLike) -> None:
+def _group_label(record: Mapping[str, Any]) -> str:
+    parts = []
+    if _number(record.get("sampling_steps")) is not None:
+        parts.append(f"T={record['sampling_steps']}")
+    if _number(record.get("guidance")) is not None:
+        parts.append(f"w={record['guidance']:g}")
+    return ", ".join(parts) or record.get("tag") or "default"
+
+
+def plot_metrics(evals: Evals, out_png: str | os.PathLike) -> None:
     """Plots every metric (x100) against the training step into a PNG.
 
-    Left panel: BLEU-1..4, METEOR, ROUGE-L, SPICE; right panel: CIDEr (its own scale). Metrics absent
-    from every evaluation are left out.
+    Left panel: BLEU-1..4, METEOR, ROUGE-L, SPICE; right panel: CIDEr (its own scale). One colour per
+    metric; with evaluations of several tags (e.g. 5 and 30 sampling steps) one line style per tag.
+    Metrics absent from every evaluation are left out.
     """
-    if not evals:
+    records = _as_records(evals)
+    if not records:
         raise ValueError("no evaluations to plot")
-    steps = sorted(evals)
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(record.get("tag", ""), []).append(record)
+    styles = ["-", "--", ":", "-."]
 
-    def series(key: str) -> np.ndarray:
-        return np.array([np.nan if (v := _number(evals[s].get(key))) is None else 100.0 * v
-                         for s in steps])
-
-    figure = Figure(figsize=(11, 4.5), dpi=100, layout="constrained")
-    left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [2, 1]})
+    figure = Figure(figsize=(12, 4.5), dpi=100, layout="constrained")
+    left, right = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.6, 1]})
     panels = ((left, [c for c in SCORE_COLUMNS if c[0] != "cider"], "score x100"),
               (right, [c for c in SCORE_COLUMNS if c[0] == "cider"], "CIDEr-D x100"))
     for axes, columns, ylabel in panels:
         plotted = False
-        for key, title in columns:
-            values = series(key)
-            if np.isnan(values).all():
-                continue
-            axes.plot(steps, values, marker="o", label=title)
-            plotted = True
+        for colour, (key, title) in enumerate(columns):
+            for g, group in enumerate(groups.values()):
+                group = sorted(group, key=lambda r: r["step"])
+                values = np.array([np.nan if (v := _number(r.get(key))) is None else 100.0 * v for r in group])
+                if np.isnan(values).all():
+                    continue
+                axes.plot([r["step"] for r in group], values, marker="o", markersize=4, color=f"C{colour}",
+                          linestyle=styles[g % len(styles)], label=title if g == 0 else None)
+                plotted = True
         axes.set_xlabel("training step")
         axes.set_ylabel(ylabel)
         axes.grid(True, alpha=0.3)
-        if plotted:
-            axes.legend(fontsize="small")
-        else:
+        if not plotted:
             axes.text(0.5, 0.5, "not computed", ha="center", va="center", transform=axes.transAxes)
+            continue
+        # Metrics by colour; beside them, when there are several tags, the tags by line style.
+        legend = axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                             borderaxespad=0.0, title="metric", title_fontsize="small")
+        if len(groups) > 1:
+            axes.add_artist(legend)
+            handles = [Line2D([], [], color="black", linestyle=styles[g % len(styles)])
+                       for g in range(len(groups))]
+            axes.legend(handles, [_group_label(group[0]) for group in groups.values()], fontsize="small",
+                        loc="lower left", bbox_to_anchor=(1.01, 0.0), borderaxespad=0.0,
+                        title="sampling", title_fontsize="small")
     left.set_title("caption metrics vs step")
     right.set_title("CIDEr vs step")
     buffer = io.BytesIO()
@@ -267,15 +363,16 @@ def plot_metrics(evals: Mapping[int, Mapping[str, Any]], out_png: str | os.PathL
 
 
 def write_report(workdir: str | os.PathLike) -> tuple[epath.Path, epath.Path | None]:
-    """Writes ``eval/metrics.txt`` (the table) and ``eval/metrics.png`` (the plot) from all evaluations.
+    """Writes ``eval/metrics.txt`` (the table) and ``eval/metrics.png`` (the plot) of all evaluations.
 
-    Returns their paths; the plot path is None when there is no evaluation yet.
+    Covers every tag, rows sorted by (tag, step). Returns both paths; the plot's is None when there is
+    no evaluation yet.
     """
-    evals = read_evals(workdir)
+    records = read_all_evals(workdir)
     table_path = eval_dir(workdir) / TABLE_FILE
-    _write_atomically(table_path, format_table(evals).encode("utf-8"))
-    if not evals:
+    _write_atomically(table_path, format_table(records).encode("utf-8"))
+    if not records:
         return table_path, None
     plot_path = eval_dir(workdir) / PLOT_FILE
-    plot_metrics(evals, plot_path)
+    plot_metrics(records, plot_path)
     return table_path, plot_path

@@ -172,11 +172,11 @@ def test_empty_predictions_score_zero(scorer):
     rest_rouge = scorer({k: RAW_PREDICTIONS[k] for k in rest}, {k: RAW_REFERENCES[k] for k in rest})
     assert result["rouge_l"] == pytest.approx(rest_rouge["rouge_l"] * len(rest) / len(predictions), rel=1e-12)
     # BLEU: an empty caption adds its closest reference length (the shortest) to r and nothing to c.
-    gts = PTBTokenizer().tokenize({k: [{"caption": c} for c in refs] for k, refs in RAW_REFERENCES.items()})
-    hypotheses = {k: "" if k in blank else v for k, v in
-                  PTBTokenizer().tokenize({k: [{"caption": c}] for k, c in RAW_PREDICTIONS.items()}).items()}
-    hypotheses = {k: v[0] if isinstance(v, list) else v for k, v in hypotheses.items()}
-    expected = reference_corpus_bleu([hypotheses[k] for k in RAW_PREDICTIONS], [gts[k] for k in RAW_PREDICTIONS])
+    tokenized = PTBTokenizer().tokenize(
+        {("ref", k): [{"caption": c} for c in refs] for k, refs in RAW_REFERENCES.items()}
+        | {("hyp", k): [{"caption": c}] for k, c in RAW_PREDICTIONS.items()})
+    hypotheses = ["" if k in blank else tokenized["hyp", k][0] for k in RAW_PREDICTIONS]
+    expected = reference_corpus_bleu(hypotheses, [tokenized["ref", k] for k in RAW_PREDICTIONS])
     np.testing.assert_allclose([result[f"bleu_{n}"] for n in range(1, 5)], expected, rtol=1e-7)
 
     all_blank = scorer({k: "" for k in RAW_REFERENCES}, RAW_REFERENCES)

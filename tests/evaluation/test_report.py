@@ -35,7 +35,7 @@ def test_round_trip(tmp_path):
     evals = report.read_evals(tmp_path)
     assert list(evals) == [200, 1000]
     a = evals[200]
-    assert a["step"] == 200 and a["num_images"] == 3 and a["sampling_steps"] == 5
+    assert a["step"] == 200 and a["tag"] == "" and a["num_images"] == 3 and a["sampling_steps"] == 5
     assert a["seconds_per_image"] == 0.5
     for key, value in METRICS_A.items():
         assert a[key] == (value if isinstance(value, (str, type(None))) else pytest.approx(float(value))), key
@@ -60,6 +60,33 @@ def test_rewriting_a_step_replaces_it(tmp_path):
     evals = report.read_evals(tmp_path)
     assert evals[5]["bleu_4"] == pytest.approx(0.4149) and evals[5]["num_images"] == 1
     assert len(report.read_captions(tmp_path, 5)) == 1
+
+
+def test_tagged_evaluations_sit_beside_the_default(tmp_path):
+    # As the evaluator writes them: run fields inside the metrics dict, a tag for other sampler settings.
+    _write_two(tmp_path)
+    fields = {"num_images": 3, "sampling_steps": 30, "guidance": 1.0, "seconds_per_image": None}
+    report.write_eval(tmp_path, 200, METRICS_B | fields, CAPTIONS, tag="_s30")
+    report.write_eval(tmp_path, 1000, METRICS_A | fields | {"guidance": 2.5}, CAPTIONS, tag="_s30_w2.5")
+    assert report.eval_tags(tmp_path) == ["", "_s30", "_s30_w2.5"]
+    assert report.evaluated_steps(tmp_path) == [200, 1000]
+    assert report.evaluated_steps(tmp_path, tag="_s30") == [200]
+    assert report.evaluated_steps(tmp_path, tag="_s30_w2.5") == [1000]
+    assert report.read_evals(tmp_path)[200]["bleu_4"] == pytest.approx(0.375)  # untouched by the tag
+    tagged = report.read_evals(tmp_path, tag="_s30")[200]
+    assert tagged["bleu_4"] == pytest.approx(0.4149) and tagged["tag"] == "_s30"
+    assert tagged["seconds_per_image"] is None and tagged["guidance"] == 1.0
+    assert len(report.read_captions(tmp_path, 200, tag="_s30")) == 3
+    assert (tmp_path / "eval" / "step_200_s30_captions.jsonl").exists()
+    everything = report.read_all_evals(tmp_path)
+    assert [(r["tag"], r["step"]) for r in everything] == [("", 200), ("", 1000), ("_s30", 200),
+                                                         ("_s30_w2.5", 1000)]
+    table = report.format_table(everything)
+    rows = [line.split() for line in table.split("\n")[3:] if line]
+    assert table.split("\n")[1].split()[-4:] == ["s/img", "T", "w", "images"]
+    assert rows[2][0] == "200" and rows[2][4] == "41.49" and rows[2][-4:] == ["n/a", "30", "1", "3"]
+    assert rows[0][-4:] == ["0.5", "5", "-", "3"]
+    assert rows[3][-2] == "2.5"
 
 
 def test_empty_or_missing_workdir(tmp_path):
@@ -103,8 +130,14 @@ def test_metrics_written_after_captions(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    (dict(step=-1), ValueError, "step must be a non-negative int"),
-    (dict(metrics={"num_images": 3}), ValueError, r"must not contain \['num_images'\]"),
+    (dict(step=-1), ValueError, "step must be an int >= 0"),
+    (dict(sampling_steps=0), ValueError, "sampling_steps must be an int >= 1"),
+    (dict(metrics={"step": 3}), ValueError, r"must not contain \['step'\]"),
+    (dict(metrics={"num_images": 7}, num_images=None), ValueError, r"num_images=7 but 3 caption records"),
+    (dict(metrics={"sampling_steps": 30}), ValueError, r"sampling_steps is given twice.*5.*30"),
+    (dict(sampling_steps=None), ValueError, r"sampling_steps is required"),
+    (dict(tag="s30"), ValueError, r"tag must be '' or '_'"),
+    (dict(tag="_a/b"), ValueError, r"tag must be"),
     (dict(captions=[{"image_id": 1, "caption": "a"}]), ValueError, r"captions\[0\] lacks \['references'\]"),
     (dict(captions=[{"image_id": 1, "caption": 2, "references": []}]), TypeError, r"image 1.*caption must"),
     (dict(captions=[{"image_id": 1.5, "caption": "a", "references": []}]), TypeError, "image_id"),
@@ -143,6 +176,17 @@ def test_format_table(tmp_path):
     assert missing.split("\n")[3].split() == ["4", "50.00"] + ["-"] * 10
 
 
+def test_plot_metrics_with_two_tags(tmp_path):
+    _write_two(tmp_path)
+    fields = {"sampling_steps": 30, "seconds_per_image": 0.9}
+    report.write_eval(tmp_path, 200, METRICS_B | fields, CAPTIONS, tag="_s30")
+    report.write_eval(tmp_path, 1000, METRICS_B | fields | {"bleu_4": 0.45}, CAPTIONS, tag="_s30")
+    out = tmp_path / "two.png"
+    report.plot_metrics(report.read_all_evals(tmp_path), out)
+    image = np.asarray(Image.open(out).convert("RGB"))
+    assert image.shape == (450, 1200, 3) and len(np.unique(image.reshape(-1, 3), axis=0)) > 50
+
+
 def test_plot_metrics(tmp_path):
     _write_two(tmp_path)
     report.write_eval(tmp_path, 600, METRICS_A | {"bleu_4": 0.39, "cider": 1.31}, CAPTIONS, sampling_steps=5,
@@ -151,7 +195,7 @@ def test_plot_metrics(tmp_path):
     report.plot_metrics(report.read_evals(tmp_path), out)
     assert out.stat().st_size > 20_000
     image = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32)
-    assert image.shape == (450, 1100, 3)
+    assert image.shape == (450, 1200, 3)
     # Not blank: many distinct colours (lines of several metrics, text), mostly white background.
     colours = np.unique(image.reshape(-1, 3), axis=0)
     assert len(colours) > 50
