@@ -9,7 +9,8 @@ Importing this module registers the builder with TFDS, after which it is used li
 Its features follow `coco_captions` (`image`, `image/id`, `image/filename`, `captions` with `id` and `text`)
 so one input pipeline reads both; `objects` adds the ground truth of every shape. Nothing is downloaded:
 the examples are drawn by `ladic_jax.data.shapes`, each from its own seed derived from (config seed,
-split, index), so a build is reproducible byte for byte.
+split, index), so a rebuild gives the same PNG bytes and feature values in the same order (the record
+files differ only in the order in which protobuf writes each example's feature map).
 
 Configs: `default` (64 px, 1-3 objects, one-sentence captions), `long` (128 px, 4-6 objects, paragraph
 captions of about 40-60 words) and `tiny` (the default scenes, a few dozen images, for smoke tests). Other
