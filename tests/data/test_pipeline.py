@@ -314,6 +314,12 @@ def test_eval_images_resized_and_in_stored_order(data_dir, tokenizer_dir, tokeni
     batches = list(pipeline.make_eval_iterator(cfg, tokenizer, process_index=0, process_count=1))
     ids = np.concatenate([b["image_id"][b["_mask"]] for b in batches])
     np.testing.assert_array_equal(ids, stored_ids(data_dir, "test"))
+    # Without an explicit slot the process index and count come from JAX (one CPU process here).
+    default = list(pipeline.make_eval_iterator(cfg, tokenizer))
+    assert len(default) == len(batches)
+    for a, b in zip(default, batches):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        assert a["references"] == b["references"]
     b = batches[0]
     pixels = unnormalise(b["image"])  # 20x12 sources resized to 16x16.
     for img, image_id in zip(pixels, b["image_id"]):
