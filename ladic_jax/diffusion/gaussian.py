@@ -15,7 +15,7 @@ Noise factor
 Following Difformer (Gao et al. 2022), which LaDiC adopts, the forward process may scale the noise:
 ``x_t = sqrt(ᾱ_t) x0 + k sqrt(1 - ᾱ_t) ε``. Training uses ``noise_factor`` (LaDiC release: 4), sampling uses
 ``sample_noise_factor`` (1 in the release). All reverse steps are written for a process with a factor k, so
-that ``k = 1`` gives the textbook formulas.
+that ``k = 1`` gives the textbook formulas; the matching prior is x_T ~ N(0, k² I) (N(0, I) for k = 1).
 """
 
 from __future__ import annotations
