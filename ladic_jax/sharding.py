@@ -64,7 +64,8 @@ def mesh_shape(mesh_cfg: Sequence[Sequence[Any]], num_devices: int) -> tuple[int
 def make_mesh(mesh_cfg: Sequence[Sequence[Any]], devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_cfg, len(devices))
-    return jax.make_mesh(shape, AXES, devices=devices)
+    # Auto axes: XLA propagates shardings from the inputs and the parameter rules (GSPMD).
+    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices)
 
 
 def path_str(path: Iterable[Any]) -> str:

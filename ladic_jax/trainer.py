@@ -45,7 +45,7 @@ def total_steps(config) -> int:
     """Training length from config.total_steps, or config.num_epochs over the training split."""
     if config.get("total_steps"):
         return int(config.total_steps)
-    n = pipeline.num_examples(config.input, config.input.train_split)
+    n = pipeline.num_eval_examples(config.input, config.input.train_split)
     return int(math.ceil(config.num_epochs * n / config.input.batch_size))
 
 
@@ -244,6 +244,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 print(f"[train] stopped at step {step}; checkpoint saved, resume by running again", flush=True)
                 checkpointer.close()
                 writer.close()
+                evaluator.close()
                 return last
             if step % config.checkpoint.every_steps == 0 or step == s.total_steps:
                 _check_finite(jax.device_get(metrics), step, checkpointer)
@@ -254,6 +255,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     checkpointer.close()
     if config.eval.at_end:
         last.update(_evaluate(evaluator, state, step, workdir, config, writer))
+    evaluator.close()
     writer.close()
     return last
 

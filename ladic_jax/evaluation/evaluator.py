@@ -50,6 +50,12 @@ class Evaluator:
         self.config = config
         self.mesh = mesh
         self._compiled: dict[tuple, Any] = {}
+        self._scorer = None  # one METEOR JVM for all evaluations of this evaluator
+
+    def close(self) -> None:
+        if self._scorer is not None:
+            self._scorer.close()
+            self._scorer = None
 
     def _sample_fn(self, sampler_cfg):
         key = tuple(sorted(sampler_cfg.to_dict().items()))
@@ -109,7 +115,9 @@ class Evaluator:
         if jax.process_index() == 0:
             preds = {r["image_id"]: r["caption"] for r in records}
             refs = {r["image_id"]: r["references"] for r in records}
-            result.update(metrics_lib.caption_metrics(preds, refs))
+            if self._scorer is None:
+                self._scorer = metrics_lib.CaptionScorer()
+            result.update(self._scorer(preds, refs))
             caps = [r["caption"] for r in records]
             result["dist_1"] = metrics_lib.distinct_n(caps, 1)
             result["dist_2"] = metrics_lib.distinct_n(caps, 2)

@@ -67,14 +67,11 @@ def evaluate_run(workdir: str, *, steps: list[int] | None = None, sampling_steps
                 print(f"[eval] step {step}{tag}: BLEU-4 {res['bleu_4']:.4f} CIDEr {res['cider']:.4f} "
                       f"({res['num_images']} images)", flush=True)
             done[f"step_{step}{tag}"] = res
+    evaluator.close()
     if jax.process_index() == 0:
-        evals = report.read_evals(workdir)
-        table = report.format_table(evals)
-        with open(os.path.join(workdir, "eval", "table.txt"), "w") as f:
-            f.write(table + "\n")
-        print(table)
-        if len(evals) >= 1:
-            report.plot_metrics(evals, os.path.join(workdir, "eval", "metrics.png"))
+        table_path, plot_path = report.write_report(workdir)
+        print(table_path.read_text())
+        print(f"[eval] table: {table_path}" + (f", plot: {plot_path}" if plot_path else ""), flush=True)
     return done
 
 

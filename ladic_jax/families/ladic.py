@@ -24,8 +24,8 @@ Config (``config.model``):
 
 from __future__ import annotations
 
-import dataclasses
 import functools
+import json
 from typing import Any, Iterator
 
 import flax.linen as nn
@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ladic_jax.data import text as text_lib
 from ladic_jax.diffusion.gaussian import GaussianDiffusion
 from ladic_jax.encoders import bert as bert_lib
 from ladic_jax.encoders import vit as vit_lib
@@ -100,15 +101,23 @@ class LadicModel(nn.Module):
         return self.decode_logits(x0_hat)
 
 
+def _hf_config(name: str, subtree: str | None = None) -> dict:
+    path = loading.resolve_directory(resolve_model_path(name)) / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: a pretrained model directory needs its config.json")
+    cfg = json.loads(path.read_text())
+    return cfg.get(subtree, cfg) if subtree else cfg
+
+
 def _text_config(text_cfg) -> bert_lib.BertConfig:
     if text_cfg.get("pretrained"):
-        return loading.read_config(resolve_model_path(text_cfg.pretrained), "bert")
+        return bert_lib.BertConfig.from_hf(_hf_config(text_cfg.pretrained))
     return bert_lib.BertConfig(**text_cfg.config.to_dict())
 
 
 def _image_config(image_cfg) -> vit_lib.ViTConfig:
     if image_cfg.get("pretrained"):
-        return loading.read_config(resolve_model_path(image_cfg.pretrained), image_cfg.kind)
+        return vit_lib.ViTConfig.from_hf(_hf_config(image_cfg.pretrained, "vision_config"))
     return vit_lib.ViTConfig(**image_cfg.config.to_dict())
 
 
@@ -142,8 +151,7 @@ class Ladic(base.Family):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(self.config.input.tokenizer))
+            self._tokenizer = text_lib.load_tokenizer(resolve_model_path(self.config.input.tokenizer))
         return self._tokenizer
 
     @functools.cached_property
@@ -209,7 +217,8 @@ class Ladic(base.Family):
             flat = jax.tree_util.tree_flatten_with_path(pre.params)[0]
             out.update({f"{part}/{path_str(p)}": np.asarray(v) for p, v in flat})
             notes.append(f"{part}: loaded {len(flat)} tensors from {cfg.pretrained}"
-                         + (f" ({'; '.join(pre.notes)})" if pre.notes else ""))
+                         + (f" (initialised, not in the checkpoint: {', '.join(pre.notes.initialised)})"
+                            if pre.notes.initialised else ""))
         return out, notes
 
     def prepare(self, params, train_batches: Iterator[dict[str, jax.Array]]):
