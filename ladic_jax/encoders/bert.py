@@ -198,15 +198,22 @@ class MlmHead(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: jax.Array) -> jax.Array:
+    def __call__(self, hidden: jax.Array, vocab_ids: jax.Array | None = None) -> jax.Array:
+        """Logits over the whole vocabulary, or only over the token ids ``vocab_ids`` (K,) when given
+        (a closed-vocabulary task need not pay for the other columns of the decoder)."""
         c = self.config
         hidden = nn.Dense(c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                           kernel_init=KERNEL_INIT, name="transform")(hidden)
         hidden = get_activation(c.hidden_act)(hidden)
         hidden = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                               name="transform_norm")(hidden)
-        return nn.Dense(c.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=KERNEL_INIT, name="decoder")(hidden)
+        decoder = nn.Dense(c.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=KERNEL_INIT, name="decoder")
+        if vocab_ids is None or self.is_initializing():
+            return decoder(hidden)
+        kernel = jnp.take(decoder.variables["params"]["kernel"], vocab_ids, axis=1)
+        bias = jnp.take(decoder.variables["params"]["bias"], vocab_ids, axis=0)
+        return (hidden @ kernel.astype(self.dtype) + bias.astype(self.dtype)).astype(self.dtype)
 
 
 class Bert(nn.Module):
@@ -273,9 +280,10 @@ class Bert(nn.Module):
             states.append(hidden)
         return (hidden, tuple(states)) if return_all else hidden
 
-    def mlm_logits(self, hidden: jax.Array) -> jax.Array:
-        """Final hidden states (B, L, H) -> vocabulary logits (B, L, vocab_size)."""
-        return self.mlm_head(hidden)
+    def mlm_logits(self, hidden: jax.Array, vocab_ids: jax.Array | None = None) -> jax.Array:
+        """Final hidden states (B, L, H) -> vocabulary logits (B, L, vocab_size), or (B, L, K) for
+        the K token ids in ``vocab_ids``."""
+        return self.mlm_head(hidden, vocab_ids)
 
     def __call__(
         self, input_ids: jax.Array, attention_mask: jax.Array | None, token_type_ids: jax.Array | None = None

@@ -129,14 +129,15 @@ BERT_LAYERS: tuple[Row, ...] = (
     ("dense", "encoder.layer.{i}.output.dense", "layers_{i}/output"),
     ("norm", "encoder.layer.{i}.output.LayerNorm", "layers_{i}/output_norm"),
 )
-# Under `cls.predictions.`; the decoder weight may be absent (tied to the word embeddings).
+# Under `cls.predictions.`. When tied (config `tie_word_embeddings`, the default) HF saves neither `decoder.weight`
+# (= the word embeddings) nor `decoder.bias` (= `cls.predictions.bias`); the loader then reads those instead, as
+# transformers 5 does. HF's forward uses `decoder.bias`; `cls.predictions.bias` is only its tied twin.
 BERT_HEAD: tuple[Row, ...] = (
     ("dense", "transform.dense", "mlm_head/transform"),
     ("norm", "transform.LayerNorm", "mlm_head/transform_norm"),
-    ("dense_nobias", "decoder", "mlm_head/decoder"),
-    ("param", "bias", "mlm_head/decoder/bias"),
+    ("dense", "decoder", "mlm_head/decoder"),
 )
-BERT_HEAD_DUPLICATES = (("decoder.bias", "bias"),)  # old .bin files store the tied bias twice
+BERT_HEAD_TIED_BIAS = "bias"
 
 DISTILBERT_EMBEDDINGS: tuple[Row, ...] = BERT_EMBEDDINGS
 DISTILBERT_LAYERS: tuple[Row, ...] = (
@@ -153,8 +154,7 @@ DISTILBERT_LAYERS: tuple[Row, ...] = (
 DISTILBERT_HEAD: tuple[Row, ...] = (
     ("dense", "vocab_transform", "mlm_head/transform"),
     ("norm", "vocab_layer_norm", "mlm_head/transform_norm"),
-    ("dense_nobias", "vocab_projector", "mlm_head/decoder"),
-    ("param", "vocab_projector.bias", "mlm_head/decoder/bias"),
+    ("dense", "vocab_projector", "mlm_head/decoder"),
 )
 
 # ---------------------------------------------------------------------------------------------- ViT / CLIP
@@ -267,15 +267,16 @@ def convert_checkpoint(
     template: Mapping[str, tuple[int, ...]],
     *,
     ignore: Sequence[tuple[str, str]] = BUFFERS,
-    duplicates: Sequence[tuple[str, str]] = (),
+    duplicates: Sequence[tuple[str, str, str | None]] = (),
     allow_uncovered: Sequence[str] = (),
     description: str = "checkpoint",
 ) -> Conversion:
     """Fills every leaf of `template` (flat path -> shape) from `tensors` by `rules`, strictly.
 
     Raises `CheckpointMismatchError` listing, all at once: checkpoint tensors a rule needs but the checkpoint lacks,
-    checkpoint tensors no rule uses (unless matched by an `ignore` regex, or a `duplicates` pair `(name, same_as)`
-    whose values are equal), converted shapes that differ from the parameter's, rules pointing at no parameter, and
+    checkpoint tensors no rule uses (unless matched by an `ignore` regex, or listed in `duplicates` as
+    `(name, same_as, reason)`: skipped if equal to the used tensor `same_as`, or if different and `reason` explains
+    why that is harmless; `reason=None` makes a difference an error), converted shapes that differ from the parameter's, rules pointing at no parameter, and
     parameters no rule fills (unless under a path prefix in `allow_uncovered`, which the caller fills itself).
     """
     params: dict[str, np.ndarray] = {}
@@ -313,12 +314,15 @@ def convert_checkpoint(
         if reason is not None:
             ignored.append(f"{name} ({reason})")
             continue
-        same_as = next((other for dup, other in duplicates if dup == name), None)
-        if same_as is not None and same_as in used:
+        duplicate = next((d for d in duplicates if d[0] == name and d[1] in used), None)
+        if duplicate is not None:
+            _, same_as, reason_if_different = duplicate
             if np.array_equal(np.asarray(tensors[name]), np.asarray(tensors[same_as])):
                 ignored.append(f"{name} (duplicate of {same_as})")
-                continue
-            unused.append(f"{name} {tuple(np.shape(tensors[name]))} (differs from {same_as}, which it should equal)")
+            elif reason_if_different is not None:
+                ignored.append(f"{name} (differs from {same_as}: {reason_if_different})")
+            else:
+                unused.append(f"{name} {tuple(np.shape(tensors[name]))} (differs from {same_as}, should equal it)")
             continue
         unused.append(f"{name} {tuple(np.shape(tensors[name]))}")
 

@@ -144,7 +144,7 @@ class _Plan:
     dummy_inputs: tuple
     rules: list[names.Rule]
     ignore: tuple[tuple[str, str], ...] = names.BUFFERS
-    duplicates: tuple[tuple[str, str], ...] = ()
+    duplicates: tuple[tuple[str, str, str | None], ...] = ()
     allow_uncovered: tuple[str, ...] = ()
     initialise: Callable[[dict[str, np.ndarray], dict], list[str]] | None = None
 
@@ -168,21 +168,23 @@ def _bert_plan(config: BertConfig, tensors: dict, tie_word_embeddings: bool, kwa
     if distil:
         rules = names.expand(names.DISTILBERT_EMBEDDINGS, source_prefix=body)
         rules += names.expand(names.DISTILBERT_LAYERS, config.num_layers, source_prefix=body)
-        head_table, head_prefix, duplicates = names.DISTILBERT_HEAD, "", ()
+        head_rules = names.expand(names.DISTILBERT_HEAD)
+        tied = {"mlm_head/decoder/kernel": body + "embeddings.word_embeddings.weight"}
+        duplicates: tuple = ()
     else:
         rules = names.expand(names.BERT_EMBEDDINGS, source_prefix=body)
         if config.type_vocab_size:
             rules += names.expand(names.BERT_TOKEN_TYPES, source_prefix=body)
         rules += names.expand(names.BERT_LAYERS, config.num_layers, source_prefix=body)
-        head_table, head_prefix = names.BERT_HEAD, "cls.predictions."
-        duplicates = tuple((head_prefix + a, head_prefix + b) for a, b in names.BERT_HEAD_DUPLICATES)
-    head_rules = names.expand(head_table, source_prefix=head_prefix)
-    word_embeddings = body + "embeddings.word_embeddings.weight"
+        head_prefix = "cls.predictions."
+        head_rules = names.expand(names.BERT_HEAD, source_prefix=head_prefix)
+        tied_bias = head_prefix + names.BERT_HEAD_TIED_BIAS
+        tied = {"mlm_head/decoder/kernel": body + "embeddings.word_embeddings.weight",
+                "mlm_head/decoder/bias": tied_bias}
+        duplicates = ((tied_bias, head_prefix + "decoder.bias",
+                       "HF's forward uses the decoder's own bias when the head is untied"),)
     if tie_word_embeddings:
-        head_rules = [
-            dataclasses.replace(r, fallback=word_embeddings) if r.target == "mlm_head/decoder/kernel" else r
-            for r in head_rules
-        ]
+        head_rules = [dataclasses.replace(r, fallback=tied.get(r.target)) for r in head_rules]
     ignore = names.BUFFERS + names.BERT_UNUSED
     if any(r.source in tensors for r in head_rules):  # a partial head is then reported as missing tensors
         return _Plan(module, dummy, rules + head_rules, ignore, duplicates)
