@@ -186,8 +186,28 @@ class BertLayer(nn.Module):
         attended = MultiHeadAttention(c.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
                                       name="attention")(hidden, mask)
         hidden = norm("attention_norm")(hidden + attended)
-        mlp = dense(c.hidden_size, "output")(get_activation(c.hidden_act)(dense(c.intermediate_size, "intermediate")(hidden)))
-        return norm("output_norm")(hidden + mlp)
+        intermediate = get_activation(c.hidden_act)(dense(c.intermediate_size, "intermediate")(hidden))
+        return norm("output_norm")(hidden + dense(c.hidden_size, "output")(intermediate))
+
+
+class VocabDecoder(nn.Module):
+    """Hidden (.., H) -> vocabulary logits (.., V) by its own kernel (H, V) and bias (V,).
+
+    With `vocab_ids` (K,), only those vocabulary entries are scored (logits (.., K)) and the other columns are not
+    computed: a closed-vocabulary task reads the same pretrained head.
+    """
+
+    vocab_size: int
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, hidden: jax.Array, vocab_ids: jax.Array | None = None) -> jax.Array:
+        kernel = self.param("kernel", KERNEL_INIT, (hidden.shape[-1], self.vocab_size), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.vocab_size,), self.param_dtype)
+        if vocab_ids is not None:
+            kernel, bias = jnp.take(kernel, vocab_ids, axis=1), jnp.take(bias, vocab_ids, axis=0)
+        return hidden.astype(self.dtype) @ kernel.astype(self.dtype) + bias.astype(self.dtype)
 
 
 class MlmHead(nn.Module):
@@ -199,21 +219,14 @@ class MlmHead(nn.Module):
 
     @nn.compact
     def __call__(self, hidden: jax.Array, vocab_ids: jax.Array | None = None) -> jax.Array:
-        """Logits over the whole vocabulary, or only over the token ids ``vocab_ids`` (K,) when given
-        (a closed-vocabulary task need not pay for the other columns of the decoder)."""
         c = self.config
         hidden = nn.Dense(c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
                           kernel_init=KERNEL_INIT, name="transform")(hidden)
         hidden = get_activation(c.hidden_act)(hidden)
         hidden = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                               name="transform_norm")(hidden)
-        decoder = nn.Dense(c.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
-                           kernel_init=KERNEL_INIT, name="decoder")
-        if vocab_ids is None or self.is_initializing():
-            return decoder(hidden)
-        kernel = jnp.take(decoder.variables["params"]["kernel"], vocab_ids, axis=1)
-        bias = jnp.take(decoder.variables["params"]["bias"], vocab_ids, axis=0)
-        return (hidden @ kernel.astype(self.dtype) + bias.astype(self.dtype)).astype(self.dtype)
+        return VocabDecoder(c.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                            name="decoder")(hidden, vocab_ids)
 
 
 class Bert(nn.Module):
@@ -222,7 +235,7 @@ class Bert(nn.Module):
     Methods (call through `apply(..., method="embed")` etc.):
       - `embed(input_ids, token_type_ids=None)` -> (B, L, H) embedding output.
       - `encode(hidden, attention_mask, start=0, end=None, return_all=False)` runs layers [start, end).
-      - `mlm_logits(hidden)` -> (B, L, vocab) MLM logits.
+      - `mlm_logits(hidden, vocab_ids=None)` -> (B, L, vocab) MLM logits, or (B, L, K) for the K ids given.
       - `__call__(input_ids, attention_mask, token_type_ids=None)` -> MLM logits of the full model (touches every
         parameter, so it is the method to `init` with).
     """
@@ -281,8 +294,10 @@ class Bert(nn.Module):
         return (hidden, tuple(states)) if return_all else hidden
 
     def mlm_logits(self, hidden: jax.Array, vocab_ids: jax.Array | None = None) -> jax.Array:
-        """Final hidden states (B, L, H) -> vocabulary logits (B, L, vocab_size), or (B, L, K) for
-        the K token ids in ``vocab_ids``."""
+        """Final hidden states (B, L, H) -> vocabulary logits (B, L, vocab_size).
+
+        With `vocab_ids` (K,), only those entries are scored: logits (B, L, K), column k for token vocab_ids[k].
+        """
         return self.mlm_head(hidden, vocab_ids)
 
     def __call__(

@@ -213,3 +213,15 @@ def test_encode_rejects_bad_layer_range_and_token_types(bert_checkpoints):
         pre.module.apply(variables, hidden, jnp.asarray(mask), 0, NUM_LAYERS + 1, method="encode")
     with pytest.raises(ValueError, match="max_position_embeddings"):
         pre.module.apply(variables, jnp.zeros((1, 65), jnp.int32), method="embed")
+
+
+def test_mlm_logits_for_a_subset_of_token_ids(bert_checkpoints, parity):
+    root, _, (ids, mask, types), ref = bert_checkpoints
+    pre = load_pretrained(root / "safetensors", "bert")
+    variables = {"params": pre.params}
+    hidden = pre.module.apply(variables, jnp.asarray(ids), jnp.asarray(types), method="embed")
+    final = pre.module.apply(variables, hidden, jnp.asarray(mask), method="encode")
+    subset = np.array([5, 0, 98, 17, 17])
+    logits = pre.module.apply(variables, final, jnp.asarray(subset), method="mlm_logits")
+    assert logits.shape == ids.shape + (len(subset),)
+    parity("BERT tiny", "mlm logits of 5 chosen ids", logits, ref["logits"][..., subset], F32_BOUND, mask)
