@@ -204,12 +204,12 @@ def _bert_plan(config: BertConfig, tensors: dict, tie_word_embeddings: bool, kwa
     return _Plan(module, dummy, rules, ignore, duplicates, allow_uncovered=("mlm_head/",), initialise=initialise)
 
 
-def _vit_rules(config: ViTConfig, tensors: dict, blip: bool, target_prefix: str = "") -> list[names.Rule]:
+def _vit_rules(config: ViTConfig, tensors: dict, blip: bool) -> list[names.Rule]:
+    """CLIP names, or for BLIP its HF names or timm names (recognised by `cls_token`)."""
     if not blip:
-        return names.expand(names.CLIP_VISION, config.num_layers, target_prefix=target_prefix)
-    if "cls_token" in tensors:
-        return names.expand(names.TIMM_VIT, config.num_layers, target_prefix=target_prefix)
-    return names.expand(names.BLIP_VISION, config.num_layers, target_prefix=target_prefix)
+        return names.expand(names.CLIP_VISION, config.num_layers)
+    table = names.TIMM_VIT if "cls_token" in tensors else names.BLIP_VISION
+    return names.expand(table, config.num_layers)
 
 
 def _plan(kind: str, config: Any, tensors: dict, hf_config: dict | None, kwargs: dict) -> _Plan:

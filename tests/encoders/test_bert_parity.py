@@ -224,4 +224,4 @@ def test_mlm_logits_for_a_subset_of_token_ids(bert_checkpoints, parity):
     subset = np.array([5, 0, 98, 17, 17])
     logits = pre.module.apply(variables, final, jnp.asarray(subset), method="mlm_logits")
     assert logits.shape == ids.shape + (len(subset),)
-    parity("BERT tiny", "mlm logits of 5 chosen ids", logits, ref["logits"][..., subset], F32_BOUND, mask)
+    parity("BERT tiny vocab subset", "mlm logits of 5 chosen ids", logits, ref["logits"][..., subset], F32_BOUND, mask)
