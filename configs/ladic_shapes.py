@@ -30,7 +30,7 @@ def get_config(arg=None):
 
     c.input = dict(
         dataset="shapes_captions/default", data_dir=None, train_split="train", eval_split="test",
-        image_size=64, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), max_length=24,
+        image_size=64, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), max_length=32,
         tokenizer="minilm", random_resized_crop=False, crop_scale=(0.5, 1.0), flip=False,
         shuffle_buffer=5000, batch_size=64, eval_batch_size=100, seed=0)
 
@@ -43,7 +43,9 @@ def get_config(arg=None):
             patch_bias=True, norm_all_tokens=True)),
         diffuser=dict(preset="tiny", overrides={}),
         special_latent="zero", latent_loss="l2", ce_weight=0.2, self_cond_prob=0.5, uncond_prob=0.1,
-        stats_batches=20, dedup_consecutive=False)
+        stats_batches=20, dedup_consecutive=False,
+        # The shapes captions use ~45 words: score only those (a CPU-speed measure; COCO uses the full head).
+        vocab="train", max_vocab=128)
     c.diffusion = dict(schedule="cosine", num_timesteps=1000, noise_factor=1.0, sample_noise_factor=1.0)
     c.sampler = dict(steps=5, method="ddim", eta=0.0, guidance=1.0, self_cond=True, t_offset=0)
 

@@ -56,6 +56,7 @@ class LadicModel(nn.Module):
     image_config: vit_lib.ViTConfig
     diffuser_config: DiffuserConfig
     split_layer: int
+    vocab_size: int = 0     # > 0: the MLM head scores only this many token ids (``vocab_ids``)
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -65,6 +66,10 @@ class LadicModel(nn.Module):
         d = self.text_config.hidden_size
         self.latent_mean = self.param("latent_mean", nn.initializers.zeros, (d,), jnp.float32)
         self.latent_std = self.param("latent_std", nn.initializers.ones, (d,), jnp.float32)
+        if self.vocab_size:
+            # Token ids of a closed vocabulary (set by Ladic.prepare), stored as exact float32 values so
+            # that they live in the checkpoint with the other parameters; never trained.
+            self.vocab_ids = self.param("vocab_ids", nn.initializers.zeros, (self.vocab_size,), jnp.float32)
 
     # text space
     def encode_raw(self, tokens, token_mask):
@@ -80,7 +85,11 @@ class LadicModel(nn.Module):
         h = x.astype(jnp.float32) * (std + _STD_EPS) + mean
         ones = jnp.ones(x.shape[:2], jnp.int32)
         h = self.text.encode(h.astype(self.dtype), ones, self.split_layer, None)
-        return self.text.mlm_logits(h)
+        return self.text.mlm_logits(h, self.vocab() if self.vocab_size else None)
+
+    def vocab(self):
+        """The closed vocabulary's token ids (K,) int32."""
+        return jax.lax.stop_gradient(self.vocab_ids).astype(jnp.int32)
 
     # image and denoiser
     def image_tokens(self, image):
@@ -140,8 +149,9 @@ class Ladic(base.Family):
             cond_dim=self.image_config.hidden_size, max_len=config.input.max_length,
             num_timesteps=config.diffusion.num_timesteps, **overrides)
         dtype = jnp.dtype(config.get("dtype", "float32"))
+        self.vocab_size = int(m.max_vocab) if m.vocab == "train" else 0
         self.module = LadicModel(self.text_config, self.image_config, self.diffuser_config,
-                                 self.split_layer, dtype=dtype)
+                                 self.split_layer, self.vocab_size, dtype=dtype)
         d = config.diffusion
         self.diffusion = GaussianDiffusion.create(d.schedule, d.num_timesteps, d.noise_factor,
                                                   d.sample_noise_factor)
@@ -233,16 +243,41 @@ class Ladic(base.Family):
 
         s1 = s2 = n = 0.0
         nb = int(self.config.model.stats_batches)
-        for _, batch in zip(range(nb), train_batches):
-            a, b, c = moments(params, batch["tokens"], batch["token_mask"])
-            s1, s2, n = s1 + np.asarray(a, np.float64), s2 + np.asarray(b, np.float64), n + float(c)
+        seen: set[int] = set()
+        # With a closed vocabulary, scan one epoch of captions for their token ids.
+        vocab_batches = self._epoch_batches() if self.vocab_size else 0
+        for i, batch in zip(range(max(nb, vocab_batches)), train_batches):
+            if i < nb:
+                a, b, c = moments(params, batch["tokens"], batch["token_mask"])
+                s1, s2, n = s1 + np.asarray(a, np.float64), s2 + np.asarray(b, np.float64), n + float(c)
+            if self.vocab_size:
+                seen.update(np.unique(np.asarray(jax.device_get(batch["tokens"]))).tolist())
         if n == 0:
             raise ValueError("latent statistics: no caption tokens seen in the training data")
         mean = s1 / n
         std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
-        return ({"latent_mean": mean.astype(np.float32), "latent_std": std.astype(np.float32)},
-                [f"latent statistics from {int(n)} tokens in {nb} batches: mean |mu| "
-                 f"{np.abs(mean).mean():.3f}, mean sigma {std.mean():.3f}"])
+        out = {"latent_mean": mean.astype(np.float32), "latent_std": std.astype(np.float32)}
+        notes = [f"latent statistics from {int(n)} tokens in {nb} batches: mean |mu| "
+                 f"{np.abs(mean).mean():.3f}, mean sigma {std.mean():.3f}"]
+        if self.vocab_size:
+            out["vocab_ids"], note = self._closed_vocab(seen)
+            notes.append(note)
+        return out, notes
+
+    def _epoch_batches(self) -> int:
+        from ladic_jax.data import pipeline
+        n = pipeline.num_eval_examples(self.config.input, self.config.input.train_split)
+        return -(-n // int(self.config.input.batch_size))
+
+    def _closed_vocab(self, seen: set[int]) -> tuple[np.ndarray, str]:
+        tok = self.tokenizer
+        ids = sorted(seen | {tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, self._period_id})
+        if len(ids) > self.vocab_size:
+            raise ValueError(f"config.model.max_vocab={self.vocab_size} is too small: the training captions "
+                             f"use {len(ids)} distinct token ids (special tokens included)")
+        padded = np.full(self.vocab_size, tok.pad_token_id, np.float32)
+        padded[: len(ids)] = ids
+        return padded, f"closed vocabulary of {len(ids)} token ids from one epoch of training captions"
 
     # ---- training ----------------------------------------------------------------------------
     def loss(self, params, batch, rng, train=True):
@@ -273,11 +308,15 @@ class Ladic(base.Family):
         else:
             latent = jnp.mean(diff * diff)
         logits = self._apply(params, x0_hat, method=LadicModel.decode_logits).astype(jnp.float32)
+        index, known = self._to_vocab_index(params, targets)
         logp = jax.nn.log_softmax(logits)
-        ce = -jnp.mean(jnp.take_along_axis(logp, targets[..., None], -1))
-        acc = jnp.mean((jnp.argmax(logits, -1) == targets).astype(jnp.float32))
+        ce = -jnp.mean(jnp.take_along_axis(logp, index[..., None], -1))
+        acc = jnp.mean((jnp.argmax(logits, -1) == index) & known)
         loss = latent + m.ce_weight * ce
-        return loss, {"latent_loss": latent, "ce": ce, "token_acc": acc}
+        metrics = {"latent_loss": latent, "ce": ce, "token_acc": acc}
+        if self.vocab_size:
+            metrics["out_of_vocab"] = 1.0 - jnp.mean(known)
+        return loss, metrics
 
     # ---- sampling -----------------------------------------------------------------------------
     def timesteps(self, sampler_cfg):
@@ -324,4 +363,17 @@ class Ladic(base.Family):
 
     def finalize(self, params, context, state, sampler_cfg):
         logits = self._apply(params, state["x0_hat"], method=LadicModel.decode_logits)
-        return jnp.argmax(logits, -1).astype(jnp.int32)
+        return self._to_token_ids(params, jnp.argmax(logits, -1).astype(jnp.int32))
+
+    def _to_token_ids(self, params, index):
+        """Argmax positions of the logits -> token ids (identity with the full vocabulary)."""
+        if not self.vocab_size:
+            return index
+        return self._apply(params, method=LadicModel.vocab)[index]
+
+    def _to_vocab_index(self, params, targets):
+        """Token ids -> positions in the closed vocabulary (first match), and whether each was found."""
+        if not self.vocab_size:
+            return targets, jnp.ones(targets.shape, bool)
+        match = targets[..., None] == self._apply(params, method=LadicModel.vocab)
+        return jnp.argmax(match, -1), jnp.any(match, -1)
