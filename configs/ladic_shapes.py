@@ -16,9 +16,7 @@ import ml_collections
 from ladic_jax.config import parse_arg
 
 
-def frozen_text_layers(split_layer: int) -> str:
-    """Regex for the frozen lower half of the split BERT (embeddings + layers [0, split))."""
-    return r"^text/(embeddings|layers_(%s))/" % "|".join(str(i) for i in range(split_layer))
+FROZEN_TEXT = r"^text/(embeddings|layers_\d+)/"  # the split BERT but its MLM head (the paper)
 
 
 def get_config(arg=None):
@@ -32,14 +30,14 @@ def get_config(arg=None):
         dataset="shapes_captions/default", data_dir=None, train_split="train", eval_split="test",
         image_size=64, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), max_length=32,
         tokenizer="minilm", random_resized_crop=False, crop_scale=(0.5, 1.0), flip=False,
-        shuffle_buffer=5000, batch_size=64, eval_batch_size=100, seed=0)
+        shuffle_buffer=5000, batch_size=32, eval_batch_size=100, seed=0)
 
     split = 3
     c.model = dict(
         text=dict(pretrained="minilm", split_layer=split),
         image=dict(pretrained=None, kind="vit", config=dict(
-            image_size=64, patch_size=8, hidden_size=192, num_layers=4, num_heads=3,
-            intermediate_size=768, hidden_act="gelu", layer_norm_eps=1e-6, pre_norm=False,
+            image_size=64, patch_size=8, hidden_size=128, num_layers=3, num_heads=4,
+            intermediate_size=512, hidden_act="gelu", layer_norm_eps=1e-6, pre_norm=False,
             patch_bias=True, norm_all_tokens=True)),
         diffuser=dict(preset="tiny", overrides={}),
         special_latent="zero", latent_loss="l2", ce_weight=0.2, self_cond_prob=0.5, uncond_prob=0.1,
@@ -51,9 +49,9 @@ def get_config(arg=None):
 
     c.total_steps = arg.steps or 3000
     c.num_epochs = 0
-    c.optim = dict(lr=5e-4, warmup=0.05, decay="linear", end_lr_factor=0.0, weight_decay=0.01,
+    c.optim = dict(lr=1e-3, warmup=0.05, decay="linear", end_lr_factor=0.0, weight_decay=0.01,
                    b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
-                   frozen=[frozen_text_layers(split), r"^latent_(mean|std)$"])
+                   frozen=[FROZEN_TEXT, r"^(latent_(mean|std)|vocab_ids)$"])
     c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
     c.sharding_rules = [(r"(kernel|embedding)$", "fsdp"), (r".*", "replicate")]
 

@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import optax
 
+from ladic_jax import config as config_lib
 from ladic_jax.sharding import path_str
 
 
@@ -69,3 +70,24 @@ def count_params(params: Any, mask: Any | None = None) -> int:
     if mask is None:
         return sum(int(x.size) for x in leaves)
     return sum(int(x.size) for x, m in zip(leaves, jax.tree.leaves(mask)) if m)
+
+
+@config_lib.register_validator("optim")
+def validate_optim(config) -> None:
+    c = config_lib
+    c.require_positive(config, "optim.lr")
+    c.require_nonnegative(config, "optim.warmup")
+    c.require_choice(config, "optim.decay", ("linear", "cosine", "constant"))
+    c.require_nonnegative(config, "optim.weight_decay")
+    c.require_nonnegative(config, "optim.grad_clip")
+    c.require_positive(config, "optim.eps")
+    for name in ("b1", "b2"):
+        v = c.get_field(config, f"optim.{name}")
+        c.check(isinstance(v, (int, float)) and 0 <= v < 1, f"config.optim.{name}", f"must be in [0, 1), got {v!r}")
+    end = config.optim.get("end_lr_factor", 0.0)
+    c.check(0 <= end <= 1, "config.optim.end_lr_factor", f"must be in [0, 1], got {end!r}")
+    for i, pattern in enumerate(config.optim.get("frozen", [])):
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise c.ConfigError(f"config.optim.frozen[{i}] = {pattern!r} is not a valid regex: {e}") from None

@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ladic_jax import config as config_lib
+
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 RULES = ("replicate", "fsdp")
@@ -136,3 +138,19 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
         if isinstance(v, np.ndarray) and v.dtype != object:
             out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
     return out
+
+
+@config_lib.register_validator("mesh")
+def validate_mesh(config) -> None:
+    try:
+        mesh_shape(config.mesh, jax.device_count())
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+    for i, entry in enumerate(config.get("sharding_rules", [])):
+        if len(entry) != 2 or entry[1] not in RULES:
+            raise config_lib.ConfigError(
+                f"config.sharding_rules[{i}] must be (regex, one of {RULES}), got {entry!r}")
+        try:
+            re.compile(entry[0])
+        except re.error as e:
+            raise config_lib.ConfigError(f"config.sharding_rules[{i}]: bad regex {entry[0]!r}: {e}") from None

@@ -41,6 +41,24 @@ class NonFiniteError(RuntimeError):
     pass
 
 
+@config_lib.register_validator("checkpoint")
+def _validate_run(config) -> None:
+    c = config_lib
+    c.check(bool(config.get("total_steps")) or bool(config.get("num_epochs")), "config.total_steps",
+            "or config.num_epochs must be set to a positive value")
+    if config.get("total_steps"):
+        c.require_positive(config, "total_steps", integer=True)
+    else:
+        c.require_positive(config, "num_epochs")
+    c.require_positive(config, "log_every", integer=True)
+    c.require_positive(config, "checkpoint.every_steps", integer=True)
+    c.require_positive(config, "checkpoint.keep", integer=True)
+    c.require_nonnegative(config, "eval.every_steps", integer=True)
+    c.require_nonnegative(config, "eval.limit", integer=True)
+    for i, n in enumerate(config.eval.sampling_steps):
+        c.check(isinstance(n, int) and n > 0, f"config.eval.sampling_steps[{i}]", f"must be a positive int, got {n!r}")
+
+
 def total_steps(config) -> int:
     """Training length from config.total_steps, or config.num_epochs over the training split."""
     if config.get("total_steps"):
@@ -154,7 +172,7 @@ def make_train_step(family: Family, tx: optax.GradientTransformation, schedule, 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
         return new_state, metrics
 

@@ -34,7 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ladic_jax.data import text as text_lib
-from ladic_jax.diffusion.gaussian import GaussianDiffusion
+from ladic_jax import config as config_lib
+from ladic_jax.diffusion.gaussian import SCHEDULES, GaussianDiffusion
 from ladic_jax.encoders import bert as bert_lib
 from ladic_jax.encoders import vit as vit_lib
 from ladic_jax.encoders import loading
@@ -136,6 +137,7 @@ class Ladic(base.Family):
 
     def __init__(self, config):
         super().__init__(config)
+        self.validate(config)
         m = config.model
         self.text_config = _text_config(m.text)
         self.image_config = _image_config(m.image)
@@ -156,6 +158,33 @@ class Ladic(base.Family):
         self.diffusion = GaussianDiffusion.create(d.schedule, d.num_timesteps, d.noise_factor,
                                                   d.sample_noise_factor)
         self._tokenizer = None
+
+    @staticmethod
+    def validate(config) -> None:
+        """Rejects bad model/diffusion/sampler values, naming the field."""
+        c = config_lib
+        c.require_choice(config, "model.special_latent", ("zero", "period"))
+        c.require_choice(config, "model.latent_loss", ("l2", "mse"))
+        c.require_choice(config, "model.vocab", ("full", "train"))
+        if config.model.vocab == "train":
+            c.require_positive(config, "model.max_vocab", integer=True)
+        c.require_nonnegative(config, "model.ce_weight")
+        for name in ("self_cond_prob", "uncond_prob"):
+            v = c.get_field(config, f"model.{name}")
+            c.check(isinstance(v, (int, float)) and 0 <= v <= 1, f"config.model.{name}", f"must be in [0, 1], got {v!r}")
+        c.require_positive(config, "model.stats_batches", integer=True)
+        c.require_choice(config, "diffusion.schedule", SCHEDULES)
+        T = c.require_positive(config, "diffusion.num_timesteps", integer=True)
+        c.require_positive(config, "diffusion.noise_factor")
+        c.require_positive(config, "diffusion.sample_noise_factor")
+        steps = c.get_field(config, "sampler.steps")
+        c.check(isinstance(steps, int) and 1 <= steps <= T, "config.sampler.steps", f"must be an int in 1..{T}, got {steps!r}")
+        c.require_choice(config, "sampler.method", ("ddim", "renoise"))
+        c.require_nonnegative(config, "sampler.eta")
+        c.require_nonnegative(config, "sampler.guidance")
+        c.require_nonnegative(config, "sampler.t_offset", integer=True)
+        for i, n in enumerate(config.eval.sampling_steps if "eval" in config else ()):
+            c.check(n <= T, f"config.eval.sampling_steps[{i}]", f"must be at most num_timesteps={T}, got {n}")
 
     # ---- text space -----------------------------------------------------------------------
     @property

@@ -1,0 +1,39 @@
+"""Fixtures shared by several test directories."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+
+def _encoded_as_arrays(value):
+    """tfds 4.9.10's mock encodes a Sequence(Text) as a list of 0-d object arrays, which
+    `tf.data.Dataset.from_generator` rejects ("Unsupported object type numpy.ndarray") whenever
+    decoders are passed; the real TFRecord writer accepts it. Turn such lists into 1-d arrays."""
+    if isinstance(value, dict):
+        return {k: _encoded_as_arrays(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return np.array([np.asarray(v).item() for v in value], dtype=object)
+    return value
+
+
+@pytest.fixture
+def mock_coco(tmp_path, monkeypatch):
+    """`coco_captions/2014` mocked with real split metadata (train 3, restval 2, val 4, test 5)."""
+    from tensorflow_datasets.testing import mocking
+
+    original = mocking.EncodedRandomFakeGenerator.__iter__
+    monkeypatch.setattr(mocking.EncodedRandomFakeGenerator, "__iter__",
+                        lambda self: (_encoded_as_arrays(ex) for ex in original(self)))
+    builder = tfds.builder("coco_captions/2014", data_dir=str(tmp_path))
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=name, shard_lengths=[n], num_bytes=0)
+        for name, n in [("train", 3), ("restval", 2), ("val", 4), ("test", 5)]]))
+    os.makedirs(builder.data_dir, exist_ok=True)
+    builder.info.write_to_directory(builder.data_dir)
+    with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_FILES,
+                                data_dir=str(tmp_path)):
+        yield str(tmp_path)

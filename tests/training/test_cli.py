@@ -1,0 +1,91 @@
+"""The command-line tools end to end: every config's runlocal variant trains and evaluates,
+ladic-eval evaluates checkpoints (skipping done ones), ladic-caption captions files and reports bad ones."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ladic_jax import trainer
+from ladic_jax.cli import caption as caption_cli
+from ladic_jax.cli import eval as eval_cli
+from ladic_jax.cli import train as train_cli
+from ladic_jax.evaluation import report
+from tiny_setup import REPO
+
+
+def test_shapes_config_runlocal_smoke(tiny_data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    train_cli.main(["--config", os.path.join(REPO, "configs/ladic_shapes.py:runlocal"), "--workdir", workdir,
+                    f"--config.input.data_dir={tiny_data_dir}", "--config.input.dataset=shapes_captions/tiny"])
+    assert report.evaluated_steps(workdir, tag="_s2") == [4]
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())[-1] == 4
+
+
+def test_coco_config_runlocal_smoke_under_mock_data(mock_coco, tmp_path):
+    workdir = str(tmp_path / "run")
+    train_cli.main(["--config", os.path.join(REPO, "configs/ladic_coco.py:runlocal"), "--workdir", workdir,
+                    f"--config.input.data_dir={mock_coco}"])
+    res = json.loads(report.metrics_path(workdir, 2).read_text())
+    assert res["num_images"] == 5  # the mocked Karpathy test split, each image once
+
+
+def test_bad_override_exits_with_the_field_name(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_cli.main(["--config", os.path.join(REPO, "configs/ladic_shapes.py"), "--workdir", str(tmp_path),
+                        "--config.optim.lr=-1"])
+    assert e.value.code != 0
+    assert "config.optim.lr" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_cli.main(["--config", os.path.join(REPO, "configs/ladic_shapes.py"), "--workdir", str(tmp_path),
+                        "--config.optim.no_such_field=1"])
+    assert "no_such_field" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_data_dir, tmp_path_factory):
+    from tiny_setup import make_tiny_config
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    trainer.train_and_evaluate(make_tiny_config(tiny_data_dir, ["total_steps=4", "checkpoint.every_steps=2"]),
+                               workdir)
+    return workdir
+
+
+def test_eval_cli_evaluates_every_checkpoint_and_skips_done_ones(tiny_run, capsys):
+    eval_cli.main(["--workdir", tiny_run, "--sampling-steps", "2", "--limit", "8"])
+    out = capsys.readouterr().out
+    assert report.evaluated_steps(tiny_run, tag="_s2") == [2, 4]
+    assert "BLEU-4" in out or "B@4" in out
+    assert os.path.exists(os.path.join(tiny_run, "eval", "metrics.png"))
+    eval_cli.main(["--workdir", tiny_run, "--sampling-steps", "2", "--limit", "8"])
+    assert out.count("skipping") == 0 and capsys.readouterr().out.count("already evaluated, skipping") == 2
+
+
+def test_eval_cli_unknown_step_fails_clearly(tiny_run, capsys):
+    with pytest.raises(SystemExit):
+        eval_cli.main(["--workdir", tiny_run, "--step", "3"])
+    assert "no checkpoint for step(s) [3]" in capsys.readouterr().err
+
+
+def test_caption_cli_captions_good_files_and_reports_bad_ones(tiny_run, tmp_path, capsys):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(d / "rgb.png")
+    Image.fromarray(rng.integers(0, 255, (80, 50), np.uint8), "L").save(d / "gray.jpg")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 4), np.uint8), "RGBA").save(d / "rgba.png")
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    (d / "empty.jpg").write_bytes(b"")
+    caption_cli.main(["--workdir", tiny_run, "--steps", "2", "--json", str(d)])
+    captured = capsys.readouterr()
+    records = {os.path.basename(r["path"]): r for r in map(json.loads, captured.out.splitlines())}
+    assert set(records) == {"rgb.png", "gray.jpg", "rgba.png", "corrupt.png", "empty.jpg"}
+    for good in ("rgb.png", "gray.jpg", "rgba.png"):
+        assert records[good]["error"] is None and isinstance(records[good]["caption"], str)
+    assert "0 bytes" in records["empty.jpg"]["error"]
+    assert "corrupt.png" in records["corrupt.png"]["error"]
+    assert "2 file(s) could not be read" in captured.err

@@ -1,0 +1,83 @@
+"""The trainer: resume continues with the same losses, non-finite losses stop the run with the last
+good checkpoint intact, evaluation results are written where the tools expect them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ladic_jax import trainer
+from ladic_jax.evaluation import report
+from ladic_jax.families.ladic import Ladic
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(l) for l in f]
+    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+
+
+def test_resume_continues_with_the_same_losses(tiny_config, tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    trainer.train_and_evaluate(tiny_config("total_steps=6", "log_every=1"), full)
+    trainer.train_and_evaluate(tiny_config("total_steps=3", "log_every=1", "checkpoint.every_steps=3"), part)
+    assert sorted(_losses(part)) == [1, 2, 3]
+    # Second start in the same workdir resumes from step 3 (data position and RNG included).
+    trainer.train_and_evaluate(tiny_config("total_steps=6", "log_every=1"), part)
+    a, b = _losses(full), _losses(part)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+    workdir = str(tmp_path / "run")
+    trainer.train_and_evaluate(tiny_config("total_steps=2", "checkpoint.every_steps=1"), workdir)
+    good = os.listdir(os.path.join(workdir, "checkpoints"))
+    assert "2" in good
+
+    original = Ladic.loss
+
+    def poisoned(self, params, batch, rng, train=True):
+        loss, metrics = original(self, params, batch, rng, train)
+        return loss * jnp.nan, metrics
+
+    monkeypatch.setattr(Ladic, "loss", poisoned)
+    with pytest.raises(trainer.NonFiniteError, match=r"non-finite loss.* at step 3.*checkpoint of step 2"):
+        trainer.train_and_evaluate(tiny_config("total_steps=5", "checkpoint.every_steps=1"), workdir)
+    monkeypatch.setattr(Ladic, "loss", original)
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert steps[-1] == 2  # nothing written after the bad step
+    sk = trainer.skeleton(tiny_config("total_steps=5"))
+    step, state = trainer.restore(sk, workdir)
+    assert step == 2
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in __import__("jax").tree.leaves(state["params"]))
+
+
+def test_training_writes_eval_results_and_tensorboard(tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    cfg = tiny_config("total_steps=2", "eval.at_end=True", "eval.limit=8")
+    with cfg.unlocked():
+        cfg.eval.sampling_steps = (2, 3)
+        cfg.sampler.steps = 2
+    trainer.train_and_evaluate(cfg, workdir)
+    main = json.loads(report.metrics_path(workdir, 2).read_text())
+    for key in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "num_images",
+                "sampling_steps", "seconds_per_image"):
+        assert key in main, key
+    assert main["num_images"] == 8 and main["sampling_steps"] == 2
+    other = json.loads(report.metrics_path(workdir, 2, tag="_s3").read_text())
+    assert other["sampling_steps"] == 3
+    assert len(report.read_captions(workdir, 2)) == 8
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
+    assert os.path.exists(os.path.join(workdir, "config.json"))
+
+
+def test_bad_config_value_is_rejected_at_start(tiny_config, tmp_path):
+    from ladic_jax.config import ConfigError
+    with pytest.raises((ConfigError, ValueError), match="batch_size"):
+        trainer.train_and_evaluate(tiny_config("input.batch_size=0"), str(tmp_path / "x"))
+    assert not os.path.exists(tmp_path / "x" / "checkpoints")

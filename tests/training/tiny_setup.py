@@ -1,0 +1,35 @@
+"""A tiny LaDiC config for the trainer, sampler and evaluator tests (imported by conftest and by the
+subprocess helper sharded_losses.py).
+
+The config is the real embedded default (configs/ladic_shapes.py:runlocal) with every network shrunk,
+so that the tests exercise the same code path as the demo in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def make_tiny_config(data_dir: str, overrides: list[str] = ()):
+    from ladic_jax import config as config_lib
+    cfg = config_lib.load_config(os.path.join(REPO, "configs/ladic_shapes.py") + ":runlocal")
+    with cfg.unlocked():
+        cfg.input.dataset = "shapes_captions/tiny"
+        cfg.input.data_dir = data_dir
+        cfg.model.text.pretrained = None
+        cfg.model.text.config = dict(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
+                                     intermediate_size=64, max_position_embeddings=64)
+        cfg.model.text.split_layer = 1
+        cfg.model.image.config.update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                                      patch_size=16)
+        cfg.model.diffuser.overrides = dict(width=64, depth=2, num_heads=2, mlp_dim=128, dropout=0.0,
+                                            attention_dropout=0.0)
+        cfg.model.stats_batches = 2
+        cfg.optim.update(lr=2e-3, warmup=0, decay="constant", frozen=[r"^text/(embeddings|layers_0)/",
+                                                                       r"^(latent_(mean|std)|vocab_ids)$"])
+        cfg.eval.at_end = False
+        cfg.checkpoint.every_steps = 1000
+    config_lib.apply_overrides(cfg, list(overrides))
+    return cfg
