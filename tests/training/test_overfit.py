@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -18,13 +19,16 @@ from ladic_jax.data.text import normalize_caption
 from ladic_jax.evaluation import report
 from ladic_jax.evaluation.evaluator import Evaluator, sampler_config
 
-STEPS = 400
+STEPS = 1200
 
 
 @pytest.fixture(scope="module")
 def overfit(tiny_data_dir, tmp_path_factory):
     from tiny_setup import make_tiny_config
-    cfg = make_tiny_config(tiny_data_dir, ["optim.lr=3e-3", "model.uncond_prob=0.0"])
+    # Guidance dropout off: memorising 8 images with a tiny model then takes ~1200 steps (with
+    # p_uncond = 0.1 it takes several times more); guidance itself is checked by formula below.
+    cfg = make_tiny_config(tiny_data_dir, ["optim.lr=3e-3", "model.uncond_prob=0.0",
+                                           "model.diffuser.overrides.width=128"])
     sk = trainer.skeleton(cfg)
     state, _ = trainer.fresh_state(sk, cfg)
     # The batch to memorise: the first 8 training images with their first reference caption.
@@ -45,7 +49,7 @@ def test_loss_decreases(overfit):
     assert last < 0.3 * first, (first, last)
 
 
-@pytest.mark.parametrize("method,guidance", [("ddim", 0.0), ("ddim", 1.0), ("renoise", 0.0)])
+@pytest.mark.parametrize("method,guidance", [("ddim", 0.0), ("renoise", 0.0)])
 def test_sampler_returns_memorised_captions(overfit, method, guidance):
     cfg, sk, state, host, _, _ = overfit
     scfg = sampler_config(cfg, steps=5, method=method, guidance=guidance)
@@ -55,6 +59,30 @@ def test_sampler_returns_memorised_captions(overfit, method, guidance):
     want = [normalize_caption(r[0]) for r in host["references"]]
     exact = sum(g == w for g, w in zip(got, want))
     assert exact >= 7, list(zip(got, want))
+
+
+def test_guidance_combines_conditional_and_null_predictions(overfit):
+    """x̂0 = (1 + w) f(x, v) - w f(x, ∅), with f computed here straight from the model."""
+    from ladic_jax.families.ladic import LadicModel
+    cfg, sk, state, host, _, _ = overfit
+    fam, params = sk.family, state["params"]
+    w = 1.5
+    scfg = sampler_config(cfg, guidance=w)
+    batch = sharding.global_batch({"image": host["image"]}, sk.mesh)
+    ctx = fam.sampling_context(params, batch, scfg)
+    x = jax.random.normal(jax.random.key(0), (8, cfg.input.max_length, fam.text_config.hidden_size))
+    sc = jax.random.normal(jax.random.key(1), x.shape)
+    t = jnp.full((8,), 500, jnp.int32)
+    img = fam.module.apply({"params": params}, host["image"], method=LadicModel.image_tokens)
+
+    def f(null):
+        cond = fam.module.apply({"params": params}, img, jnp.full((8,), null), method=LadicModel.condition)
+        return fam.module.apply({"params": params}, x, t, sc, cond, method=LadicModel.denoise)
+
+    want = (1 + w) * f(False) - w * f(True)
+    got = fam.predict_x0(params, ctx, x, jnp.int32(500), sc, scfg)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(f(False)), np.asarray(f(True)))
 
 
 def test_sampler_steps_range(overfit):
