@@ -42,7 +42,7 @@ def get_config(arg=None):
         dataset="coco_captions/2014", data_dir=None, train_split="train+restval", eval_split="test",
         image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, max_length=24,
         tokenizer="bert-base-uncased", random_resized_crop=True, crop_scale=(0.5, 1.0), flip=True,
-        shuffle_buffer=20000, batch_size=512, eval_batch_size=500, seed=0)
+        shuffle_buffer=20000, batch_size=512, eval_batch_size=500, seed=0, train_captions="sample")
 
     c.model = dict(
         text=dict(pretrained="bert-base-uncased", split_layer=6),

@@ -384,6 +384,8 @@ def validate_input(input_cfg: ml_collections.ConfigDict, *, process_count: int |
               f"must be a positive integer divisible by the number of processes ({process_count}), "
               f"got {value!r}")
     check(_int(c.seed) and 0 <= c.seed < 2**63, f("seed"), f"must be an integer in [0, 2**63), got {c.seed!r}")
+    check(c.get("train_captions", "sample") in ("sample", "first"), f("train_captions"),
+          f"must be 'sample' (one reference drawn per image per epoch) or 'first', got {c.get('train_captions')!r}")
     return input_cfg
 
 

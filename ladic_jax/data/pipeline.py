@@ -239,6 +239,7 @@ def _train_dataset(cfg, builder, split, num_local: int, local_batch: int, start_
 
     size, scale = int(cfg.image_size), tuple(cfg.crop_scale)
     crop, flip = bool(cfg.random_resized_crop), bool(cfg.flip)
+    first_only = cfg.get("train_captions", "sample") == "first"
 
     def preprocess(ex):
         image_id = ex["image/id"]
@@ -247,7 +248,7 @@ def _train_dataset(cfg, builder, split, num_local: int, local_batch: int, start_
         n = tf.shape(captions)[0]
         with tf.control_dependencies([tf.debugging.assert_positive(
                 n, message="a training example has no captions")]):
-            choice = tf.random.stateless_uniform(
+            choice = tf.constant(0) if first_only else tf.random.stateless_uniform(
                 [], _fold(key, _CAPTION_KEY), minval=0, maxval=n, dtype=tf.int32)
         image = features["image"].decode_example(ex["image"])
         if crop:
