@@ -298,7 +298,8 @@ def input_config(**overrides: Any) -> ml_collections.ConfigDict:
     incl. [CLS]/[SEP]), tokenizer (local dir or hub id), random_resized_crop, crop_scale (area
     fraction range), flip (mirror half the training images and swap left/right in their
     captions), shuffle_buffer (records; 0 = no shuffle), batch_size and eval_batch_size (global),
-    seed.
+    seed, train_captions ("sample": one reference drawn per image per epoch; "first": always the
+    first reference).
     """
     cfg = ml_collections.ConfigDict({
         "dataset": "shapes_captions/default",
@@ -317,6 +318,7 @@ def input_config(**overrides: Any) -> ml_collections.ConfigDict:
         "batch_size": 64,
         "eval_batch_size": 64,
         "seed": 0,
+        "train_captions": "sample",
     })
     unknown = sorted(set(overrides) - set(cfg.keys()))
     if unknown:
@@ -329,7 +331,7 @@ def input_config(**overrides: Any) -> ml_collections.ConfigDict:
 
 _INPUT_FIELDS = ("dataset", "data_dir", "train_split", "eval_split", "image_size", "image_mean",
                  "image_std", "max_length", "tokenizer", "random_resized_crop", "crop_scale", "flip",
-                 "shuffle_buffer", "batch_size", "eval_batch_size", "seed")
+                 "shuffle_buffer", "batch_size", "eval_batch_size", "seed", "train_captions")
 
 
 def _nonempty_str(value: Any) -> bool:
@@ -384,8 +386,8 @@ def validate_input(input_cfg: ml_collections.ConfigDict, *, process_count: int |
               f"must be a positive integer divisible by the number of processes ({process_count}), "
               f"got {value!r}")
     check(_int(c.seed) and 0 <= c.seed < 2**63, f("seed"), f"must be an integer in [0, 2**63), got {c.seed!r}")
-    check(c.get("train_captions", "sample") in ("sample", "first"), f("train_captions"),
-          f"must be 'sample' (one reference drawn per image per epoch) or 'first', got {c.get('train_captions')!r}")
+    check(c.train_captions in ("sample", "first"), f("train_captions"),
+          f"must be 'sample' (one reference drawn per image per epoch) or 'first', got {c.train_captions!r}")
     return input_cfg
 
 

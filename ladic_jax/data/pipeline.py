@@ -239,7 +239,7 @@ def _train_dataset(cfg, builder, split, num_local: int, local_batch: int, start_
 
     size, scale = int(cfg.image_size), tuple(cfg.crop_scale)
     crop, flip = bool(cfg.random_resized_crop), bool(cfg.flip)
-    first_only = cfg.get("train_captions", "sample") == "first"
+    first_only = cfg.train_captions == "first"
 
     def preprocess(ex):
         image_id = ex["image/id"]

@@ -208,6 +208,15 @@ def test_caption_sampling_varies_by_epoch_and_is_deterministic(data_dir, tokeniz
     four = [TRAIN_BASE + ID_STEP * i for i in range(TRAIN_N) if i % 4 == 3]
     drawn = {r[i].split()[3] for r in runs for i in four}
     assert drawn == {"0", "1", "2", "3"}
+
+
+def test_train_captions_first_always_takes_the_first_reference(data_dir, tokenizer_dir, tokenizer):
+    runs = _captions_by_epoch(make_cfg(data_dir, tokenizer_dir, train_captions="first"), tokenizer, 3)
+    four = [TRAIN_BASE + ID_STEP * i for i in range(TRAIN_N) if i % 4 == 3]
+    assert {r[i].split()[3] for r in runs for i in four} == {"0"}
+    with pytest.raises(config_lib.ConfigError, match=r"config\.input\.train_captions"):
+        pipeline.make_train_iterator(make_cfg(data_dir, tokenizer_dir, train_captions="all"), tokenizer,
+                                     process_index=0, process_count=1)
     other = _captions_by_epoch(make_cfg(data_dir, tokenizer_dir, seed=4), tokenizer, 1)
     assert other[0] != runs[0], "another seed must give other captions"
 
