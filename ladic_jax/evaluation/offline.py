@@ -9,6 +9,7 @@ import jax
 import ml_collections
 
 from ladic_jax import trainer
+from ladic_jax.checkpoint import Checkpointer
 from ladic_jax.evaluation import report
 from ladic_jax.evaluation.evaluator import Evaluator
 
@@ -79,4 +80,8 @@ def _checkpoint_steps(workdir: str) -> list[int]:
     path = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(path):
         return []
-    return sorted(int(d) for d in os.listdir(path) if d.isdigit())
+    ck = Checkpointer(path, read_only=True)
+    try:
+        return ck.all_steps()
+    finally:
+        ck.close()
