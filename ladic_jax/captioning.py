@@ -34,21 +34,18 @@ class Captioner:
             raise FileNotFoundError(f"no usable checkpoint in {workdir}/checkpoints")
         self.step, state = found
         self.params = state["params"]
-        self._fns = {}
+        self._sample_fns = sampler_lib.SampleFns(self.sk.family)
 
     def caption_arrays(self, images: np.ndarray, *, seed: int = 0, **sampler_overrides) -> list[str]:
         """Normalised images (B, H, W, 3) -> captions."""
-        cfg = sampler_config(self.config, **sampler_overrides)
-        key = tuple(sorted(cfg.to_dict().items()))
-        if key not in self._fns:
-            self._fns[key] = sampler_lib.make_sample_fn(self.sk.family, cfg)
+        fn = self._sample_fns(sampler_config(self.config, **sampler_overrides))
         n = len(images)
         dp = sharding.data_parallel_size(self.sk.mesh)
         pad = (-n) % dp
         if pad:
             images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
         batch = sharding.global_batch({"image": images}, self.sk.mesh)
-        tokens = np.asarray(jax.device_get(self._fns[key](self.params, batch, jax.random.key(seed))))
+        tokens = np.asarray(jax.device_get(fn(self.params, batch, jax.random.key(seed))))
         return self.sk.family.decode(tokens[:n])
 
     def caption_files(self, paths: Sequence[str], *, batch_size: int = 32, progress: bool = False,

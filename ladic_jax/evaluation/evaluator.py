@@ -49,7 +49,7 @@ class Evaluator:
         self.family = family
         self.config = config
         self.mesh = mesh
-        self._compiled: dict[tuple, Any] = {}
+        self._sample_fns = sampler_lib.SampleFns(family, out_shardings=sharding.batch_sharding(mesh, 2))
         self._scorer = None  # one METEOR JVM for all evaluations of this evaluator
 
     def close(self) -> None:
@@ -57,16 +57,10 @@ class Evaluator:
             self._scorer.close()
             self._scorer = None
 
-    def _sample_fn(self, sampler_cfg):
-        key = tuple(sorted(sampler_cfg.to_dict().items()))
-        if key not in self._compiled:
-            self._compiled[key] = sampler_lib.make_sample_fn(
-                self.family, sampler_cfg, out_shardings=sharding.batch_sharding(self.mesh, 2))
-        return self._compiled[key]
-
     def caption_batches(self, params, *, sampler_cfg, split=None, limit=None, rng=None):
-        """Yields (image_ids, captions, references) per evaluation batch, valid examples only."""
-        fn = self._sample_fn(sampler_cfg)
+        """Yields (image_ids, captions, references, sampling seconds) per evaluation batch, valid
+        examples only."""
+        fn = self._sample_fns(sampler_cfg)
         rng = jax.random.key(self.config.seed + 1) if rng is None else rng
         it = pipeline.make_eval_iterator(self.config.input, self.family.tokenizer, split=split, limit=limit)
         for i, batch in enumerate(it):
@@ -98,17 +92,16 @@ class Evaluator:
     def run(self, params, *, step: int, workdir: str | None, split=None, limit=None, write=True,
             tag: str = "", **sampler_overrides) -> dict:
         sampler_cfg = sampler_config(self.config, **sampler_overrides)
-        records, seconds, first = [], 0.0, True
+        records, seconds, timed, first = [], 0.0, 0, True
         for ids, caps, refs, dt in self.caption_batches(params, sampler_cfg=sampler_cfg, split=split,
                                                         limit=limit):
-            if first:  # the first call includes compilation: time it apart
+            if first:  # the first call includes compilation: leave it out of the timing
                 first = False
             else:
-                seconds += dt
+                seconds, timed = seconds + dt, timed + len(ids)
             for i, c, r in zip(ids, caps, refs):
                 records.append({"image_id": int(i), "caption": c, "references": r})
         n = len(records)
-        timed = n - min(n, self._batch_size())
         result: dict[str, Any] = {"num_images": n, "sampling_steps": int(sampler_cfg.steps),
                                   "guidance": float(sampler_cfg.get("guidance", 0.0)),
                                   "seconds_per_image": seconds / timed if timed > 0 else None}
@@ -124,6 +117,3 @@ class Evaluator:
             if write and workdir:
                 report.write_eval(workdir, step, result, records, tag=tag)
         return result
-
-    def _batch_size(self) -> int:
-        return int(self.config.input.eval_batch_size)

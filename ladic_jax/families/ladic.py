@@ -46,11 +46,6 @@ from ladic_jax.sharding import path_str
 _STD_EPS = 1e-5
 
 
-def resolve_model_path(name: str) -> str:
-    """'minilm' -> the packaged MiniLM-L6 directory; anything else is returned unchanged."""
-    return str(loading.minilm_dir()) if name == "minilm" else name
-
-
 class LadicModel(nn.Module):
     """All LaDiC parameters: ``text`` (split BERT), ``image`` (ViT), ``diffuser``, latent statistics."""
     text_config: bert_lib.BertConfig
@@ -112,7 +107,7 @@ class LadicModel(nn.Module):
 
 
 def _hf_config(name: str, subtree: str | None = None) -> dict:
-    path = loading.resolve_directory(resolve_model_path(name)) / "config.json"
+    path = loading.resolve_directory(name) / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: a pretrained model directory needs its config.json")
     cfg = json.loads(path.read_text())
@@ -190,7 +185,7 @@ class Ladic(base.Family):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            self._tokenizer = text_lib.load_tokenizer(resolve_model_path(self.config.input.tokenizer))
+            self._tokenizer = text_lib.load_tokenizer(self.config.input.tokenizer)
         return self._tokenizer
 
     @functools.cached_property
@@ -251,7 +246,7 @@ class Ladic(base.Family):
                 notes.append(f"{part}: randomly initialised")
                 continue
             kind = "bert" if part == "text" else cfg.kind
-            pre = loading.load_pretrained(resolve_model_path(cfg.pretrained), kind,
+            pre = loading.load_pretrained(cfg.pretrained, kind,
                                           subtree=cfg.get("subtree") or None)
             flat = jax.tree_util.tree_flatten_with_path(pre.params)[0]
             out.update({f"{part}/{path_str(p)}": np.asarray(v) for p, v in flat})
