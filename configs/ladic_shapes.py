@@ -40,10 +40,11 @@ def get_config(arg=None):
             intermediate_size=512, hidden_act="gelu", layer_norm_eps=1e-6, pre_norm=False,
             patch_bias=True, norm_all_tokens=True)),
         diffuser=dict(preset="tiny", overrides={}),
-        special_latent="zero", latent_loss="l2", ce_weight=0.2, self_cond_prob=0.5, uncond_prob=0.1,
+        special_latent="period", latent_loss="l2", ce_weight=0.2, self_cond_prob=0.5, uncond_prob=0.1,
         stats_batches=20, dedup_consecutive=False,
         # The shapes captions use ~45 words: score only those (a CPU-speed measure; COCO uses the full head).
-        vocab="train", max_vocab=128)
+        vocab="train", max_vocab=128,
+        image_words_weight=0.1, input_scaling=True)
     # Training noise factor 4 as the authors' release: with factor 1 the 384-d MiniLM latents stay
     # recoverable from x_t for most t and the model learns to denoise text without looking at the image.
     c.diffusion = dict(schedule="cosine", num_timesteps=1000, noise_factor=4.0, sample_noise_factor=1.0)

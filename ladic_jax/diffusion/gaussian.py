@@ -192,6 +192,18 @@ class GaussianDiffusion:
         out = jnp.sqrt(abar) * x0 + k * jnp.sqrt(one_minus) * noise
         return out.astype(x0.dtype)
 
+    def input_scale(self, t: jax.Array, factor: float | None = None) -> jax.Array:
+        """1 / sqrt(ᾱ_t + k² (1 - ᾱ_t)): the factor that gives x_t unit variance when x0 and ε do.
+
+        With noise factor k = 4, x_t's scale grows from 1 to 4 with t; fed to the model as is, it drowns the
+        position and time embeddings added to the model's input at high t. Scaled, the model's input has
+        the same magnitude at every t and for training (k = `noise_factor`) and sampling (k =
+        `sample_noise_factor`) alike. k = `factor` (default `noise_factor`); t < 0 gives 1.
+        """
+        k = self.noise_factor if factor is None else factor
+        abar, one_minus = self._abar(jnp.asarray(t))
+        return jax.lax.rsqrt(abar + k * k * one_minus)
+
     def snr(self, t: jax.Array) -> jax.Array:
         """Signal-to-noise ratio ᾱ_t / (1 - ᾱ_t) (for k = 1; divide by k² otherwise); inf where ᾱ_t = 1."""
         abar, one_minus = self._abar(jnp.asarray(t))

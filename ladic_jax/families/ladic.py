@@ -17,7 +17,10 @@ Config (``config.model``):
     init from ``text.config``); text.split_layer; special_latent: "zero" | "period";
   image: the ViT (``image.pretrained`` like text, or ``image.config`` for training from scratch);
   diffuser: preset name + overrides; latent_loss: "l2" (mean over tokens of the L2 norm, as the
-  release) | "mse"; ce_weight (λ); self_cond_prob; uncond_prob; stats_batches.
+  release) | "mse"; ce_weight (λ); self_cond_prob; uncond_prob; stats_batches; input_scaling (feed the
+  model x_t / sqrt(ᾱ_t + k²(1 - ᾱ_t)), unit variance at every t, k the training or sampling noise factor;
+  off in the paper and the release); image_words_weight (weight of an auxiliary loss training the image
+  encoder to tell which words an image's captions use; 0 = off, for encoders trained from scratch).
 ``config.diffusion``: schedule, num_timesteps, noise_factor, sample_noise_factor.
 ``config.sampler``: steps, method ("ddim" | "renoise"), eta, guidance (w), self_cond, t_offset.
 """
@@ -32,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from ladic_jax.data import text as text_lib
 from ladic_jax import config as config_lib
@@ -53,6 +57,7 @@ class LadicModel(nn.Module):
     diffuser_config: DiffuserConfig
     split_layer: int
     vocab_size: int = 0     # > 0: the MLM head scores only this many token ids (``vocab_ids``)
+    image_words: bool = False  # a linear head from the pooled image tokens to caption-word scores
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -66,6 +71,8 @@ class LadicModel(nn.Module):
             # Token ids of a closed vocabulary (set by Ladic.prepare), stored as exact float32 values so
             # that they live in the checkpoint with the other parameters; never trained.
             self.vocab_ids = self.param("vocab_ids", nn.initializers.zeros, (self.vocab_size,), jnp.float32)
+        if self.image_words:
+            self.image_words_head = nn.Dense(self.vocab_size or self.text_config.vocab_size, dtype=jnp.float32)
 
     # text space
     def encode_raw(self, tokens, token_mask):
@@ -92,6 +99,10 @@ class LadicModel(nn.Module):
         tokens, _ = self.image(image)
         return tokens
 
+    def image_word_logits(self, image_tokens):
+        """Scores (B, K) of which words the captions of each image use, from its mean image token."""
+        return self.image_words_head(jnp.mean(image_tokens.astype(jnp.float32), 1))
+
     def condition(self, image_tokens, null_mask):
         return self.diffuser.condition(image_tokens, null_mask)
 
@@ -103,6 +114,8 @@ class LadicModel(nn.Module):
         img = self.image_tokens(image)
         null = jnp.zeros((tokens.shape[0],), bool)
         x0_hat = self.diffuser(x0, jnp.zeros((tokens.shape[0],), jnp.int32), jnp.zeros_like(x0), img, null)
+        if self.image_words:  # creates the head's parameters at init
+            self.image_word_logits(img)
         return self.decode_logits(x0_hat)
 
 
@@ -148,7 +161,8 @@ class Ladic(base.Family):
         dtype = jnp.dtype(config.get("dtype", "float32"))
         self.vocab_size = int(m.max_vocab) if m.vocab == "train" else 0
         self.module = LadicModel(self.text_config, self.image_config, self.diffuser_config,
-                                 self.split_layer, self.vocab_size, dtype=dtype)
+                                 self.split_layer, self.vocab_size,
+                                 image_words=bool(m.get("image_words_weight", 0.0)), dtype=dtype)
         d = config.diffusion
         self.diffusion = GaussianDiffusion.create(d.schedule, d.num_timesteps, d.noise_factor,
                                                   d.sample_noise_factor)
@@ -164,6 +178,8 @@ class Ladic(base.Family):
         if config.model.vocab == "train":
             c.require_positive(config, "model.max_vocab", integer=True)
         c.require_nonnegative(config, "model.ce_weight")
+        if "image_words_weight" in config.model:
+            c.require_nonnegative(config, "model.image_words_weight")
         for name in ("self_cond_prob", "uncond_prob"):
             v = c.get_field(config, f"model.{name}")
             c.check(isinstance(v, (int, float)) and 0 <= v <= 1, f"config.model.{name}", f"must be in [0, 1], got {v!r}")
@@ -312,6 +328,8 @@ class Ladic(base.Family):
         k_t, k_noise, k_null, k_sc, k_drop1, k_drop2 = jax.random.split(rng, 6)
         t = jax.random.randint(k_t, (bsz,), 0, self.diffusion.num_timesteps)
         x_t = self.diffusion.q_sample(x0, t, jax.random.normal(k_noise, x0.shape, x0.dtype))
+        if m.get("input_scaling", False):
+            x_t = x_t * self.diffusion.input_scale(t)[:, None, None]
         img = self._apply(params, batch["image"], method=LadicModel.image_tokens)
         null = jax.random.bernoulli(k_null, m.uncond_prob, (bsz,)) if train else jnp.zeros((bsz,), bool)
         cond = self._apply(params, img, null, method=LadicModel.condition)
@@ -338,9 +356,25 @@ class Ladic(base.Family):
         acc = jnp.mean((jnp.argmax(logits, -1) == index) & known)
         loss = latent + m.ce_weight * ce
         metrics = {"latent_loss": latent, "ce": ce, "token_acc": acc}
+        if m.get("image_words_weight", 0.0):
+            words = self._image_words_loss(params, img, tokens, index, known)
+            loss = loss + m.image_words_weight * words
+            metrics["image_words"] = words
         if self.vocab_size:
             metrics["out_of_vocab"] = 1.0 - jnp.mean(known)
         return loss, metrics
+
+    def _image_words_loss(self, params, img, tokens, index, known):
+        """Binary cross-entropy of the image-words head against the set of words in each caption.
+
+        A direct training signal for an image encoder trained from scratch: without it the diffuser's
+        cross-attention reads nothing useful from a random encoder and so passes back almost no gradient
+        to it, and the diffuser learns a text-only denoiser first (see README, "Status and figures").
+        """
+        logits = self._apply(params, img, method=LadicModel.image_word_logits)
+        word = known & ~self._is_special(tokens)
+        present = jnp.max(jax.nn.one_hot(index, logits.shape[-1]) * word[..., None], axis=1)
+        return jnp.mean(jnp.sum(optax.sigmoid_binary_cross_entropy(logits, present), -1))
 
     # ---- sampling -----------------------------------------------------------------------------
     def timesteps(self, sampler_cfg):
@@ -364,6 +398,8 @@ class Ladic(base.Family):
         """x̂0 with classifier-free guidance: (1+w) f(x, v) - w f(x, ∅)."""
         t_model = jnp.minimum(t + int(sampler_cfg.get("t_offset", 0)), self.diffusion.num_timesteps - 1)
         tb = jnp.full((x.shape[0],), t_model, jnp.int32)
+        if self.config.model.get("input_scaling", False):
+            x = x * self.diffusion.input_scale(t, self.diffusion.sample_noise_factor)
         f = lambda cond: self._apply(params, x, tb, self_cond, cond,  # noqa: E731
                                      method=LadicModel.denoise).astype(jnp.float32)
         out = f(context["cond"])

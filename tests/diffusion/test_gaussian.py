@@ -127,6 +127,23 @@ def test_q_sample_statistics(factor):
         assert xt[b].var() == pytest.approx(var, rel=0.02)
 
 
+@pytest.mark.parametrize("factor", [1.0, 4.0])
+def test_input_scale_gives_unit_variance(factor):
+    """x0 and ε independent with unit variance: input_scale(t) * x_t has variance 1 at every t (to 2%)."""
+    diff = GaussianDiffusion.create("cosine", 1000, noise_factor=factor)
+    n = 200_000
+    t = jnp.array([0, 250, 500, 750, 999])
+    k0, k1 = jax.random.split(jax.random.key(3))
+    x0 = jax.random.normal(k0, (5, n))
+    xt = diff.q_sample(x0, t, jax.random.normal(k1, (5, n)))
+    scaled = np.asarray(xt * diff.input_scale(t)[:, None], np.float64)
+    np.testing.assert_allclose(scaled.var(axis=1), 1.0, rtol=0.02)
+    # The factor argument overrides the training factor; clean data (t < 0) is left as it is.
+    abar = alphas_cumprod("cosine", 1000)[500]
+    assert float(diff.input_scale(jnp.int32(500), 2.0)) == pytest.approx(1 / math.sqrt(abar + 4 * (1 - abar)), rel=1e-5)
+    assert float(diff.input_scale(jnp.int32(-1))) == pytest.approx(1.0)
+
+
 def test_q_sample_shape_errors():
     diff = GaussianDiffusion.create("linear", 100)
     x0 = jnp.zeros((2, 3))
