@@ -323,3 +323,55 @@ def test_cli_names_a_missing_tensor_and_refuses_unsafe_or_bad_files(release, tmp
         convert_cli.main(["official", "--checkpoint", release["ckpt"], "--stats_dir", release["stats"],
                           "--workdir", release["out"], "--config", CONFIG])
     assert "already holds checkpoints" in capsys.readouterr().err
+
+
+def test_full_size_config_takes_exactly_the_release_tensors():
+    """The real 783-tensor listing (zero-cost broadcast arrays) against the full-size variant's parameters."""
+    from ladic_jax import config as config_lib
+    from ladic_jax.families.base import get_family
+    from ladic_jax.trainer import dummy_batch
+    config = config_lib.load_config(CONFIG.replace(":runlocal", ""))
+    family = get_family(config)
+    abstract = jax.eval_shape(lambda r: family.init(r, dummy_batch(config)), jax.random.key(0))
+    template = {"/".join(str(k.key) for k in p): tuple(a.shape)
+                for p, a in jax.tree_util.tree_flatten_with_path(abstract)[0]}
+    tensors = {}
+    for line in open(LISTING):
+        name, rest = line.split(" ", 1)
+        shape = tuple(int(s) for s in re.findall(r"\d+", rest.rsplit(")", 1)[0]))
+        tensors[name] = np.broadcast_to(np.float32(0), shape)
+    assert len(tensors) == 783
+    params, ignored = official_checkpoint.release_params(tensors, template, family)
+    assert set(template) - set(params) == {"latent_mean", "latent_std", "diffuser/null_condition"}
+    others = sorted(i.split()[0] for i in ignored if not i.startswith("space_decoder."))
+    assert len(ignored) - len(others) == 205 and others == [
+        "diffuser.embeddings.position_ids", "diffuser.embeddings.word_embeddings.weight",
+        "lm_head.predictions.bias", "space_encoder.embeddings.position_ids"]
+    assert len(params) == 783 - 209 + 12 * 4  # a fused qkv weight/bias fills three parameters each
+    assert template["diffuser/block_0/cross_attn/key/kernel"] == (768, 1536)
+    ignored_names = {i.split()[0] for i in ignored}
+    release_size = sum(a.size for name, a in tensors.items() if name not in ignored_names)
+    assert sum(int(np.prod(s)) for s in template.values()) == release_size + 3 * 768  # + mean, std, null
+
+
+def test_training_drops_the_image_by_zeroing_it(release):
+    """The release's classifier-free-guidance training: a dropped image is an all-zero normalised image."""
+    from ladic_jax.families.base import get_family
+    cap = release["cap"]
+    tok = cap.sk.family.tokenizer
+    enc = tok(["a dog on the table", "two cats"], padding="max_length", max_length=24, return_tensors="np")
+    image = np.random.default_rng(2).normal(size=(2, IMAGE, IMAGE, 3)).astype(np.float32)
+    batch = {"tokens": jnp.asarray(enc["input_ids"], jnp.int32),
+             "token_mask": jnp.asarray(enc["attention_mask"], jnp.int32)}
+
+    def loss_fn(uncond_prob):
+        config = cap.config.copy_and_resolve_references()
+        config.model.uncond_prob = uncond_prob
+        family = get_family(config)
+        fn = jax.jit(lambda p, b: family.loss(p, b, jax.random.key(4)))
+        return lambda img: tuple(float(v) for v in jax.tree.leaves(fn(cap.params, dict(batch, image=img))))
+
+    always_drop, never_drop = loss_fn(1.0), loss_fn(0.0)
+    dropped, zero = always_drop(image), never_drop(np.zeros_like(image))
+    assert np.all(np.isfinite(dropped)) and dropped == pytest.approx(zero, rel=1e-6)
+    assert never_drop(image) != pytest.approx(zero, rel=1e-3)  # the image does matter when kept

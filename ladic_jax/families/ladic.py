@@ -9,7 +9,8 @@ the encoder output of "." (the authors' release puts it in unnormalised: "period
 target at those positions set to [PAD] or "." respectively; decoding drops them.
 
 Denoiser: the ``Diffuser`` (self-attention, cross-attention to the image tokens, MLP) predicting x0,
-with self-conditioning and classifier-free guidance through a learned null image condition.
+with self-conditioning and classifier-free guidance through a learned null image condition (or, as
+the release, the tokens of an all-zero image).
 
 Loss: ``L_latent + λ CE(mlm_head(upper(x̂0 · std + mean)), targets)``.
 
