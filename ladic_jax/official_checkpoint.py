@@ -116,7 +116,8 @@ def read_stats(stats_dir: str | Path, dim: int) -> dict[str, np.ndarray]:
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{path} holds a {type(value).__name__}, expected a tensor of shape ({dim},)")
         array = value.detach().cpu().to(torch.float32).numpy()
-        array = array.reshape(array.shape[-1:]) if array.size == array.shape[-1] else array
+        if array.ndim > 1 and array.size == array.shape[-1]:  # (1, D) or (1, 1, D)
+            array = array.reshape(-1)
         if array.shape != (dim,):
             raise ValueError(f"{path} has shape {tuple(value.shape)}, the model's latent needs ({dim},)")
         if not np.all(np.isfinite(array)):
