@@ -19,6 +19,7 @@ Faithfulness notes: the paper's noise schedule is "cosine with a noise factor" a
 the authors' release instead uses linear betas with a training noise factor of 4 and a re-noising
 sampler called at t+5: set diffusion.schedule="official", diffusion.noise_factor=4.0,
 sampler.method="renoise", sampler.t_offset=5 and model.special_latent="period" to follow it.
+configs/ladic_official.py is the release's model as a whole (what `ladic-convert official` imports).
 """
 
 import ml_collections

@@ -21,6 +21,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON record per file on stdout")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: when stderr is a terminal)")
     args, overrides = common.parse(p, argv)
     common.setup_logging()
     from ladic_jax.captioning import Captioner
@@ -29,7 +31,10 @@ def main(argv=None) -> None:
     except (FileNotFoundError, ValueError) as e:
         common.fail(str(e))
     failed = 0
-    for r in cap.caption_files(args.images, batch_size=args.batch_size, progress=sys.stderr.isatty(),
+    if args.batch_size < 1:
+        common.fail(f"--batch-size must be positive, got {args.batch_size}")
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    for r in cap.caption_files(args.images, batch_size=args.batch_size, progress=progress, seed=args.seed,
                                steps=args.steps, guidance=args.guidance):
         if args.json:
             print(json.dumps({"path": r.path, "caption": r.caption, "error": r.error}), flush=True)

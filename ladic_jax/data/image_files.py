@@ -31,8 +31,21 @@ def iter_image_paths(paths: Sequence[str]) -> Iterator[str]:
             yield p
 
 
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16/32-bit integer and float grayscale -> "L" by scaling, where ``convert`` would clip at 255."""
+    a = np.asarray(im)
+    if im.mode == "F":
+        a = a * 255.0 if a.size and a.max() <= 1.0 else a
+    elif im.mode.startswith("I;16") or (a.size and a.max() > 255):
+        a = a / 257.0  # 16-bit range -> 8-bit
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+
+
 def read_rgb(path: str) -> np.ndarray:
-    """uint8 (H, W, 3): first frame of animations, EXIF orientation applied, any mode converted to RGB."""
+    """uint8 (H, W, 3): first frame of animations, EXIF orientation applied, any mode converted to RGB
+    (transparency composited on white, CMYK and palettes converted, 16-bit grayscale scaled)."""
+    if os.path.isdir(path):
+        raise ImageReadError(f"{path}: is a directory")
     if not os.path.exists(path):
         raise ImageReadError(f"{path}: no such file")
     if os.path.getsize(path) == 0:
@@ -41,15 +54,19 @@ def read_rgb(path: str) -> np.ndarray:
         with Image.open(path) as im:
             im.seek(0)
             im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                im = _to_8bit(im)
+            if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
                 rgba = im.convert("RGBA")
                 bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(bg, rgba)
             return np.asarray(im.convert("RGB"), dtype=np.uint8)
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not a recognised image format") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageReadError(f"{path}: unreadable image ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise ImageReadError(f"{path}: refused, too many pixels ({e})") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem; the batch goes on
+        raise ImageReadError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 
 def preprocess(rgb: np.ndarray, image_size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

@@ -2,25 +2,31 @@
 
 Text space: the lower ``split_layer`` layers of a pretrained BERT (with its embeddings) map a caption
 to per-token latents; these are normalised per channel with statistics gathered from training
-captions. The upper layers plus the MLM head decode a latent back to tokens. Special tokens ([CLS],
+captions. The upper layers plus the MLM head decode a latent back to tokens (``split_layer`` equal to
+the number of layers leaves only the MLM head, as the authors' release does). Special tokens ([CLS],
 [SEP], [PAD]) get a fixed latent so that caption length is learned: the zero latent (the paper) or
-the encoder output of "." (the authors' release), with the CE target at those positions set to [PAD]
-or "." respectively; decoding drops them.
+the encoder output of "." (the authors' release puts it in unnormalised: "period_raw"), with the CE
+target at those positions set to [PAD] or "." respectively; decoding drops them.
 
 Denoiser: the ``Diffuser`` (self-attention, cross-attention to the image tokens, MLP) predicting x0,
-with self-conditioning and classifier-free guidance through a learned null image condition.
+with self-conditioning and classifier-free guidance through a learned null image condition (or, as
+the release, the tokens of an all-zero image).
 
 Loss: ``L_latent + λ CE(mlm_head(upper(x̂0 · std + mean)), targets)``.
 
 Config (``config.model``):
   text.pretrained: "minilm" (the packaged MiniLM-L6), a local HF directory or hub id, or None (random
-    init from ``text.config``); text.split_layer; special_latent: "zero" | "period";
+    init from ``text.config``); text.split_layer; special_latent: "zero" | "period" | "period_raw";
   image: the ViT (``image.pretrained`` like text, or ``image.config`` for training from scratch);
   diffuser: preset name + overrides; latent_loss: "l2" (mean over tokens of the L2 norm, as the
-  release) | "mse"; ce_weight (λ); self_cond_prob; uncond_prob; stats_batches; input_scaling (feed the
-  model x_t / sqrt(ᾱ_t + k²(1 - ᾱ_t)), unit variance at every t, k the training or sampling noise factor;
-  off in the paper and the release); image_words_weight (weight of an auxiliary loss training the image
-  encoder to tell which words an image's captions use; 0 = off, for encoders trained from scratch).
+  release) | "mse"; ce_weight (λ); self_cond_prob; uncond_prob; stats_batches;
+  latent_std_eps (normalisation divides by std + eps; the release: 0); null_condition: "learned" (a
+  learned null image condition) | "zero_image" (the release: the image tokens of an all-zero normalised
+  image); postprocess: "plain" | "official" (the release's caption clean-up, see ``decode``);
+  input_scaling (feed the model x_t / sqrt(ᾱ_t + k²(1 - ᾱ_t)), unit variance at every t, k the training or
+  sampling noise factor; off in the paper and the release); image_words_weight (weight of an auxiliary
+  loss training the image encoder to tell which words an image's captions use; 0 = off; for image
+  encoders trained from scratch).
 ``config.diffusion``: schedule, num_timesteps, noise_factor, sample_noise_factor.
 ``config.sampler``: steps, method ("ddim" | "renoise"), eta, guidance (w), self_cond, t_offset.
 """
@@ -57,6 +63,7 @@ class LadicModel(nn.Module):
     diffuser_config: DiffuserConfig
     split_layer: int
     vocab_size: int = 0     # > 0: the MLM head scores only this many token ids (``vocab_ids``)
+    std_eps: float = _STD_EPS
     image_words: bool = False  # a linear head from the pooled image tokens to caption-word scores
     dtype: Any = jnp.float32
 
@@ -81,11 +88,11 @@ class LadicModel(nn.Module):
 
     def normalize(self, h):
         mean, std = jax.lax.stop_gradient((self.latent_mean, self.latent_std))
-        return (h.astype(jnp.float32) - mean) / (std + _STD_EPS)
+        return (h.astype(jnp.float32) - mean) / (std + self.std_eps)
 
     def decode_logits(self, x):
         mean, std = jax.lax.stop_gradient((self.latent_mean, self.latent_std))
-        h = x.astype(jnp.float32) * (std + _STD_EPS) + mean
+        h = x.astype(jnp.float32) * (std + self.std_eps) + mean
         ones = jnp.ones(x.shape[:2], jnp.int32)
         h = self.text.encode(h.astype(self.dtype), ones, self.split_layer, None)
         return self.text.mlm_logits(h, self.vocab() if self.vocab_size else None)
@@ -150,18 +157,18 @@ class Ladic(base.Family):
         self.text_config = _text_config(m.text)
         self.image_config = _image_config(m.image)
         self.split_layer = int(m.text.split_layer)
-        if not 0 < self.split_layer < self.text_config.num_layers:
-            raise ValueError(f"config.model.text.split_layer must be in 1..{self.text_config.num_layers - 1}, "
+        if not 0 < self.split_layer <= self.text_config.num_layers:
+            raise ValueError(f"config.model.text.split_layer must be in 1..{self.text_config.num_layers}, "
                              f"got {self.split_layer}")
-        overrides = dict(m.diffuser.get("overrides", {}))
+        sizes = dict(max_len=config.input.max_length, num_timesteps=config.diffusion.num_timesteps)
+        sizes.update(m.diffuser.get("overrides", {}))  # e.g. the release's max_len 512
         self.diffuser_config = DiffuserConfig.preset(
             m.diffuser.preset, latent_dim=self.text_config.hidden_size,
-            cond_dim=self.image_config.hidden_size, max_len=config.input.max_length,
-            num_timesteps=config.diffusion.num_timesteps, **overrides)
+            cond_dim=self.image_config.hidden_size, **sizes)
         dtype = jnp.dtype(config.get("dtype", "float32"))
         self.vocab_size = int(m.max_vocab) if m.vocab == "train" else 0
         self.module = LadicModel(self.text_config, self.image_config, self.diffuser_config,
-                                 self.split_layer, self.vocab_size,
+                                 self.split_layer, self.vocab_size, float(m.get("latent_std_eps", _STD_EPS)),
                                  image_words=bool(m.get("image_words_weight", 0.0)), dtype=dtype)
         d = config.diffusion
         self.diffusion = GaussianDiffusion.create(d.schedule, d.num_timesteps, d.noise_factor,
@@ -172,7 +179,12 @@ class Ladic(base.Family):
     def validate(config) -> None:
         """Rejects bad model/diffusion/sampler values, naming the field."""
         c = config_lib
-        c.require_choice(config, "model.special_latent", ("zero", "period"))
+        c.require_choice(config, "model.special_latent", ("zero", "period", "period_raw"))
+        for name, choices in (("null_condition", ("learned", "zero_image")), ("postprocess", ("plain", "official"))):
+            if name in config.model:
+                c.require_choice(config, f"model.{name}", choices)
+        if "latent_std_eps" in config.model:
+            c.require_nonnegative(config, "model.latent_std_eps")
         c.require_choice(config, "model.latent_loss", ("l2", "mse"))
         c.require_choice(config, "model.vocab", ("full", "train"))
         if config.model.vocab == "train":
@@ -214,8 +226,13 @@ class Ladic(base.Family):
         return self.tokenizer.convert_tokens_to_ids(".")
 
     def decode(self, token_ids: np.ndarray) -> list[str]:
+        """Token ids (B, L) -> captions. ``postprocess="official"`` cleans up as the authors' release does,
+        per caption: consecutive repeated tokens and then words dropped, "." stripped at both ends, one "."
+        appended. Otherwise special tokens (and "." with a period special latent) are dropped."""
+        if self.config.model.get("postprocess", "plain") == "official":
+            return [self._official_caption(row) for row in np.asarray(token_ids)]
         drop = set(self._special_ids)
-        if self.config.model.special_latent == "period":
+        if self.config.model.special_latent.startswith("period"):
             drop.add(self._period_id)
         out = []
         for row in np.asarray(token_ids):
@@ -225,6 +242,14 @@ class Ladic(base.Family):
             out.append(self.tokenizer.decode(ids, skip_special_tokens=True,
                                              clean_up_tokenization_spaces=True).strip())
         return out
+
+    def _official_caption(self, row: np.ndarray) -> str:
+        # The release runs unique_consecutive over the whole batch at once (DESIGN §4); here per caption.
+        ids = [int(i) for j, i in enumerate(row) if j == 0 or row[j - 1] != i]
+        text = self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        split = text.split()
+        words = [w for j, w in enumerate(split) if j == 0 or split[j - 1] != w]
+        return " ".join(words).strip(".").strip() + "."
 
     def _apply(self, params, *args, method, **kw):
         return self.module.apply({"params": params}, *args, method=method, **kw)
@@ -240,11 +265,13 @@ class Ladic(base.Family):
         if self.config.model.special_latent == "zero":
             fixed = jnp.zeros_like(x0[:, :1])
             target_special = self.tokenizer.pad_token_id
-        else:  # "period": the encoder output of "." at position 1 of "[CLS] . [SEP]"
+        else:  # the encoder output of "." at position 1 of "[CLS] . [SEP]" (the release: unnormalised)
             tok = self.tokenizer
             ids = jnp.asarray([[tok.cls_token_id, self._period_id, tok.sep_token_id]], jnp.int32)
-            p = self._apply(params, ids, jnp.ones_like(ids), method=LadicModel.encode_raw)[:, 1:2]
-            fixed = self._apply(params, p, method=LadicModel.normalize)
+            fixed = self._apply(params, ids, jnp.ones_like(ids), method=LadicModel.encode_raw)[:, 1:2]
+            if self.config.model.special_latent == "period":
+                fixed = self._apply(params, fixed, method=LadicModel.normalize)
+            fixed = fixed.astype(x0.dtype)
             target_special = self._period_id
         x0 = jnp.where(special, fixed, x0)
         targets = jnp.where(special[..., 0], target_special, tokens)
@@ -330,8 +357,11 @@ class Ladic(base.Family):
         x_t = self.diffusion.q_sample(x0, t, jax.random.normal(k_noise, x0.shape, x0.dtype))
         if m.get("input_scaling", False):
             x_t = x_t * self.diffusion.input_scale(t)[:, None, None]
-        img = self._apply(params, batch["image"], method=LadicModel.image_tokens)
         null = jax.random.bernoulli(k_null, m.uncond_prob, (bsz,)) if train else jnp.zeros((bsz,), bool)
+        image = batch["image"]
+        if self._zero_image_null:
+            image, null = jnp.where(null[:, None, None, None], 0.0, image), jnp.zeros_like(null)
+        img = self._apply(params, image, method=LadicModel.image_tokens)
         cond = self._apply(params, img, null, method=LadicModel.condition)
         denoise = functools.partial(self._apply, params, method=LadicModel.denoise, deterministic=not train)
         zeros = jnp.zeros_like(x0)
@@ -380,12 +410,19 @@ class Ladic(base.Family):
     def timesteps(self, sampler_cfg):
         return self.diffusion.sampling_timesteps(int(sampler_cfg.steps))
 
+    @property
+    def _zero_image_null(self) -> bool:
+        return self.config.model.get("null_condition", "learned") == "zero_image"
+
     def sampling_context(self, params, batch, sampler_cfg):
         img = self._apply(params, batch["image"], method=LadicModel.image_tokens)
         bsz = img.shape[0]
         ctx = {"cond": self._apply(params, img, jnp.zeros((bsz,), bool), method=LadicModel.condition)}
         if sampler_cfg.guidance:
-            ctx["null"] = self._apply(params, img, jnp.ones((bsz,), bool), method=LadicModel.condition)
+            if self._zero_image_null:  # the release: the image tokens of an all-zero (normalised) image
+                img = self._apply(params, jnp.zeros_like(batch["image"]), method=LadicModel.image_tokens)
+            ctx["null"] = self._apply(params, img, jnp.full((bsz,), not self._zero_image_null),
+                                      method=LadicModel.condition)
         return ctx
 
     def initial_state(self, params, context, rng, sampler_cfg):

@@ -73,19 +73,39 @@ def test_eval_cli_unknown_step_fails_clearly(tiny_run, capsys):
 
 def test_caption_cli_captions_good_files_and_reports_bad_ones(tiny_run, tmp_path, capsys):
     d = tmp_path / "imgs"
-    d.mkdir()
+    (d / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (64, 64, 3), np.uint8)).save(d / "rgb.png")
     Image.fromarray(rng.integers(0, 255, (80, 50), np.uint8), "L").save(d / "gray.jpg")
     Image.fromarray(rng.integers(0, 255, (64, 64, 4), np.uint8), "RGBA").save(d / "rgba.png")
+    pal = Image.fromarray(rng.integers(0, 4, (30, 30), np.uint8), "P")
+    pal.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] * 64)
+    pal.save(d / "palette.png")
+    Image.fromarray(rng.integers(0, 255, (40, 40, 4), np.uint8), "CMYK").save(d / "cmyk.jpg")
+    frames = [Image.new("RGB", (20, 20), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(d / "sub" / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.fromarray(rng.integers(0, 255, (32, 48, 3), np.uint8)).save(d / "sub" / "pic.webp")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rng.integers(0, 255, (30, 60, 3), np.uint8)).save(d / "rotated.jpg", exif=exif.tobytes())
     (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
     (d / "empty.jpg").write_bytes(b"")
-    caption_cli.main(["--workdir", tiny_run, "--steps", "2", "--json", str(d)])
+    (d / "notes.txt").write_text("not an image: skipped by extension")
+    (tmp_path / "nothing").mkdir()
+    # batch size 3: four batches (the last one padded), progress bar forced on
+    caption_cli.main(["--workdir", tiny_run, "--steps", "2", "--json", "--batch-size", "3", "--progress",
+                      str(d), str(tmp_path / "nothing")])
     captured = capsys.readouterr()
-    records = {os.path.basename(r["path"]): r for r in map(json.loads, captured.out.splitlines())}
-    assert set(records) == {"rgb.png", "gray.jpg", "rgba.png", "corrupt.png", "empty.jpg"}
-    for good in ("rgb.png", "gray.jpg", "rgba.png"):
-        assert records[good]["error"] is None and isinstance(records[good]["caption"], str)
-    assert "0 bytes" in records["empty.jpg"]["error"]
-    assert "corrupt.png" in records["corrupt.png"]["error"]
-    assert "2 file(s) could not be read" in captured.err
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    names = [os.path.relpath(r["path"], d) for r in records]
+    assert names == ["cmyk.jpg", "corrupt.png", "empty.jpg", "gray.jpg", "palette.png", "rgb.png", "rgba.png",
+                     "rotated.jpg", "sub/anim.gif", "sub/pic.webp", "../nothing"]  # sorted, in input order
+    by_name = dict(zip(names, records))
+    for good in ("rgb.png", "gray.jpg", "rgba.png", "palette.png", "cmyk.jpg", "sub/anim.gif", "sub/pic.webp",
+                 "rotated.jpg"):
+        assert by_name[good]["error"] is None and isinstance(by_name[good]["caption"], str), good
+    assert "0 bytes" in by_name["empty.jpg"]["error"] and by_name["empty.jpg"]["caption"] is None
+    assert by_name["corrupt.png"]["error"].startswith(str(d / "corrupt.png"))
+    assert "without image files" in by_name["../nothing"]["error"]
+    assert "3 file(s) could not be read" in captured.err
+    assert "captioning" in captured.err and "11/11" in captured.err  # the progress bar, on stderr

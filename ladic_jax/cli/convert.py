@@ -1,0 +1,50 @@
+"""ladic-convert: turn an external checkpoint into a ladic_jax run directory.
+
+  ladic-convert official --checkpoint pytorch_model.bin --stats_dir LaDiC/datasets --workdir runs/official
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ladic_jax.cli import common
+
+# The repository's config of the release's model variant (present in a source checkout).
+DEFAULT_OFFICIAL_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ladic_official.py"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="ladic-convert", description="Convert an external checkpoint into a run "
+                                "directory that ladic-eval, ladic-caption and ladic-train use as is.",
+                                epilog=common.OVERRIDE_HELP)
+    sub = p.add_subparsers(dest="source", required=True)
+    o = sub.add_parser("official", help="the LaDiC authors' released PyTorch checkpoint",
+                       description="Strict: every tensor of the checkpoint is used or deliberately ignored; a "
+                       "missing, mis-shaped or unknown tensor stops the conversion naming it.",
+                       epilog=common.OVERRIDE_HELP)
+    o.add_argument("--checkpoint", required=True, help="the release's pytorch_model.bin (read with "
+                   "torch.load(weights_only=True))")
+    o.add_argument("--stats_dir", "--stats-dir", required=True,
+                   help="directory with the release's mean_emb_split.pickle and std_emb_split.pickle")
+    o.add_argument("--workdir", required=True, help="output run directory (must hold no checkpoint yet)")
+    o.add_argument("--config", default=None, metavar="FILE.py[:ARGS]",
+                   help=f"the model variant's config (default: {DEFAULT_OFFICIAL_CONFIG})")
+    args, overrides = common.parse(p, argv)
+    common.setup_logging()
+    spec = args.config or str(DEFAULT_OFFICIAL_CONFIG)
+    if not args.config and not DEFAULT_OFFICIAL_CONFIG.exists():
+        common.fail(f"{DEFAULT_OFFICIAL_CONFIG} not found (not a source checkout): pass --config "
+                    "path/to/configs/ladic_official.py")
+    from ladic_jax.official_checkpoint import convert_official
+    try:
+        config = common.load(spec, overrides)
+        summary = convert_official(args.checkpoint, args.stats_dir, args.workdir, config)
+    except (FileNotFoundError, ValueError) as e:
+        common.fail(str(e))
+    print(f"[convert] {args.checkpoint} -> {args.workdir}/checkpoints/0 "
+          f"({len(summary['ignored'])} tensors ignored as unused by the release's forward)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
