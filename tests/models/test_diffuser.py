@@ -122,8 +122,6 @@ def np_diffuser(params, cfg: DiffuserConfig, x_t, t, sc, img, null_mask=None):
         hid = np_dense(feats, p["time_mlp_in"])
         temb = np_dense(hid / (1 + np.exp(-hid)), p["time_mlp_out"])
     x = x + temb[:, None, :]
-    if cfg.pooled_condition:
-        x = x + np_dense(img.mean(axis=1), p["pooled_proj"])[:, None, :]
     h = np_layer_norm(x + p["position_embeddings"][: x.shape[1]], p["embed_norm"], eps)
     for i in range(cfg.depth):
         bp = p[f"block_{i}"]
@@ -160,20 +158,6 @@ def test_every_variant_matches_numpy_reference(input_mode, time_embed, block_nor
     # the table_ln variants use a float64 table and match to 2e-5.
     atol = 1e-4 if time_embed == "mlp" else 2e-5
     np.testing.assert_allclose(np.asarray(out), np_diffuser(params, cfg, x_t, t, sc, img), atol=atol, rtol=1e-5)
-
-
-def test_pooled_condition_matches_numpy_reference_and_null():
-    cfg = make_config(pooled_condition=True)
-    model = Diffuser(cfg)
-    params = random_params(model)
-    x_t, t, sc, img = make_inputs(seed=4)
-    mask = jnp.array([False, True, False])
-    out = model.apply(params, x_t, t, sc, img, mask)
-    np.testing.assert_allclose(np.asarray(out), np_diffuser(params, cfg, x_t, t, sc, img, mask), atol=1e-4, rtol=1e-5)
-    cond = model.apply(params, img, mask, method=Diffuser.condition)
-    assert len(cond) == cfg.depth + 1 and cond[-1][0].shape == (B, WIDTH)
-    with pytest.raises(ValueError, match="entries"):
-        model.apply(params, x_t, t, sc, cond[:-1], method=Diffuser.denoise)
 
 
 def test_official_preset_matches_numpy_reference():
