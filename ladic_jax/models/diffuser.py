@@ -64,8 +64,7 @@ import numpy as np
 
 Dtype = Any
 CrossKV = tuple[tuple[jax.Array, jax.Array], ...]
-"""Per block, the cross-attention (keys, values), each (B, N, heads, head_dim): the output of `condition`;
-with `pooled_condition`, one more trailing entry (pooled, pooled): the projected mean image token (B, width)."""
+"""Per block, the cross-attention (keys, values), each (B, N, heads, head_dim): the output of `condition`."""
 
 INPUT_MODES = ("project", "concat")
 TIME_EMBEDS = ("mlp", "table_ln")
@@ -100,8 +99,6 @@ class DiffuserConfig:
       num_timesteps: T, the rows of the `table_ln` time table.
       exact_gelu: erf GELU (BERT) rather than the tanh approximation.
       time_freq_dim: number of sinusoidal features fed to the `mlp` time embedding.
-      pooled_condition: also add a projection of the mean image token to every position's input embedding
-        (with the time embedding): a direct path from the image to each position besides cross-attention.
     """
 
     latent_dim: int
@@ -121,7 +118,6 @@ class DiffuserConfig:
     output_mode: str = "project"
     exact_gelu: bool = True
     time_freq_dim: int = 256
-    pooled_condition: bool = False
 
     def __post_init__(self):
         for name in ("latent_dim", "width", "depth", "num_heads", "mlp_dim", "max_len", "cond_dim",
@@ -316,8 +312,6 @@ class Diffuser(nn.Module):
         else:
             self.time_norm = norm(name="time_norm")
         self.embed_norm = norm(name="embed_norm")
-        if c.pooled_condition:
-            self.pooled_proj = dense(c.width, name="pooled_proj")
         self.embed_dropout = nn.Dropout(c.dropout)
         self.blocks = [
             DiffuserBlock(c, dtype=self.dtype, param_dtype=self.param_dtype, name=f"block_{i}") for i in range(c.depth)
@@ -352,11 +346,7 @@ class Diffuser(nn.Module):
                 )
             null = jnp.broadcast_to(self.null_condition.astype(self.dtype), tokens.shape)
             tokens = jnp.where(null_mask[:, None, None], null, tokens)
-        kv = tuple(block.cross_key_value(tokens) for block in self.blocks)
-        if c.pooled_condition:
-            pooled = self.pooled_proj(jnp.mean(tokens, axis=1))
-            kv = kv + ((pooled, pooled),)
-        return kv
+        return tuple(block.cross_key_value(tokens) for block in self.blocks)
 
     # ------------------------------------------------------------------------------------------ denoise
 
@@ -392,11 +382,10 @@ class Diffuser(nn.Module):
         t = jnp.asarray(t)
         if not jnp.issubdtype(t.dtype, jnp.integer) or t.ndim > 1 or (t.ndim == 1 and t.shape[0] != batch):
             raise ValueError(f"t must be integer timesteps of shape ({batch},) or a scalar, got {t.dtype} {t.shape}")
-        entries = c.depth + int(c.pooled_condition)
-        if len(cond) != entries or cond[0][0].shape[0] != batch:
+        if len(cond) != c.depth or cond[0][0].shape[0] != batch:
             raise ValueError(
-                f"cond must hold {entries} entries (blocks' keys/values, pooled) for batch {batch} (from "
-                f"Diffuser.condition), got {len(cond)}, batch {cond[0][0].shape[0] if len(cond) else None}"
+                f"cond must hold {c.depth} blocks' keys/values for batch {batch} (from Diffuser.condition), "
+                f"got {len(cond)} blocks, batch {cond[0][0].shape[0] if len(cond) else None}"
             )
         t = jnp.broadcast_to(t, (batch,))
 
@@ -404,8 +393,6 @@ class Diffuser(nn.Module):
         if c.input_mode == "project":
             x = self.input_proj(x)
         x = x + self._time_embedding(t)[:, None, :]
-        if c.pooled_condition:
-            x = x + cond[-1][0][:, None, :].astype(self.dtype)
         h = self.embed_norm(x + self.position_embeddings[:length].astype(self.dtype))
         h = self.embed_dropout(h, deterministic=deterministic)
         for block, kv in zip(self.blocks, cond):
