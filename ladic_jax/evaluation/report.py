@@ -289,11 +289,12 @@ def sampler_value(record: Mapping[str, Any], field: str) -> Any:
     return node
 
 
-def format_table(evals: Evals, sampler_fields: Sequence[str] = ()) -> str:
+def format_table(evals: Evals, sampler_fields: Sequence[str] = (), show_tag: bool = False) -> str:
     """An aligned text table, one row per evaluation: B@1..B@4, METEOR, ROUGE-L, CIDEr, SPICE (x100), s/img.
 
     Also shows the sampling steps T, the guidance w when any evaluation records one, the number of
-    images, and a column per name in `sampler_fields` (a sampler setting, see `sampler_value`). A metric
+    images, a column per name in `sampler_fields` (a sampler setting, see `sampler_value`) and, with
+    `show_tag`, the evaluation's file tag (which names its sampler settings, e.g. "_mbr5"). A metric
     that was not computed (SPICE without its jars) shows "n/a"; a missing key "-".
     Rows come in step order for a {step: record} dict, in list order for a list of records.
     """
@@ -303,12 +304,13 @@ def format_table(evals: Evals, sampler_fields: Sequence[str] = ()) -> str:
         extra.append(("guidance", "w", "g"))
     extra.append(("num_images", "images", ".0f"))
     header = ["step"] + [title for _, title in SCORE_COLUMNS] + [title for _, title, _ in extra]
-    header += list(sampler_fields)
+    header += list(sampler_fields) + (["tag"] if show_tag else [])
     rows = []
     for record in records:
         row = [str(record["step"])] + [_cell(record, key) for key, _ in SCORE_COLUMNS]
         row += [_cell(record, key, scale=1.0, fmt=fmt) for key, _, fmt in extra]
         row += [_setting(sampler_value(record, field)) for field in sampler_fields]
+        row += [record.get("tag") or "-"] if show_tag else []
         rows.append(row)
     widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in [header] + rows]
@@ -384,12 +386,13 @@ def plot_metrics(evals: Evals, out_png: str | os.PathLike) -> None:
 def write_report(workdir: str | os.PathLike) -> tuple[epath.Path, epath.Path | None]:
     """Writes ``eval/metrics.txt`` (the table) and ``eval/metrics.png`` (the plot) of all evaluations.
 
-    Covers every tag, rows sorted by (tag, step). Returns both paths; the plot's is None when there is
-    no evaluation yet.
+    Covers every tag, rows sorted by (tag, step), with a tag column when there are several. Returns both
+    paths; the plot's is None when there is no evaluation yet.
     """
     records = read_all_evals(workdir)
     table_path = eval_dir(workdir) / TABLE_FILE
-    _write_atomically(table_path, format_table(records).encode("utf-8"))
+    several_tags = len({r.get("tag", "") for r in records}) > 1
+    _write_atomically(table_path, format_table(records, show_tag=several_tags).encode("utf-8"))
     if not records:
         return table_path, None
     plot_path = eval_dir(workdir) / PLOT_FILE

@@ -417,8 +417,13 @@ class Ladic(base.Family):
     def back_and_refine(self, params, context, state, fresh, sampler_cfg):
         """Keeps the ``back_refine.keep`` fraction of positions whose x̂0 the LM head is most confident
         of (max softmax probability; ties to the earlier position) and given template positions; the
-        others restart from ``fresh`` (noise, no self-conditioning). Kept positions enter the restart
-        clean, in x_t and as the self-conditioning x̂0, as in the paper's figure 5."""
+        others restart from ``fresh`` (noise, no self-conditioning).
+
+        A kept position enters the restart as its x̂0 noised to the first timestep with the fresh noise
+        (x_T ~ q(x_T | x̂0), the distribution the model was trained on) and as the self-conditioning x̂0.
+        Putting the clean x̂0 into x_T instead (one reading of the paper's figure 5) scored worse on the
+        shapes model (BLEU-4 0.070 vs 0.089, CIDEr 0.57 vs 0.97; plain sampling 0.080 / 0.64). With
+        ᾱ_T ≈ 0 the kept tokens reach the refine pass through self-conditioning."""
         x0_hat = state["x0_hat"]
         logits = self._apply(params, x0_hat, method=LadicModel.decode_logits).astype(jnp.float32)
         confidence = jnp.max(jax.nn.softmax(logits, -1), -1)
@@ -428,7 +433,10 @@ class Ladic(base.Family):
         if "given" in context:
             kept = kept | context["given"]
         kept = kept[..., None]
-        return {"x": jnp.where(kept, x0_hat, fresh["x"]), "x0_hat": jnp.where(kept, x0_hat, fresh["x0_hat"])}
+        k = self.diffusion.sample_noise_factor
+        t = jnp.full((x0_hat.shape[0],), int(self.timesteps(sampler_cfg)[0]), jnp.int32)
+        noised = self.diffusion.q_sample(x0_hat, t, fresh["x"] / k, factor=k)
+        return {"x": jnp.where(kept, noised, fresh["x"]), "x0_hat": jnp.where(kept, x0_hat, fresh["x0_hat"])}
 
     def _to_token_ids(self, params, index):
         """Argmax positions of the logits -> token ids (identity with the full vocabulary)."""

@@ -17,6 +17,7 @@ from ladic_jax import sampler as sampler_lib
 from ladic_jax import sharding, trainer
 from ladic_jax.data import pipeline
 from ladic_jax.data import text as text_lib
+from ladic_jax.diffusion.gaussian import alphas_cumprod
 from ladic_jax.evaluation.evaluator import mbr_sample, sampler_config
 from ladic_jax.evaluation.offline import eval_tag
 from ladic_jax.families.ladic import LadicModel
@@ -68,7 +69,8 @@ def test_back_refine_keeping_nothing_is_plain_sampling_and_trajectory_ends_at_th
 
 
 def test_back_refine_keeps_exactly_the_most_confident_positions(tiny):
-    """The restart state against a confidence computed here: softmax of the MLM head's logits, max."""
+    """The restart state against a confidence computed here (softmax of the MLM head's logits, max) and
+    x_T = sqrt(ᾱ_T) x̂0 + sqrt(1 - ᾱ_T) z at the kept positions (z: the fresh state's noise, factor 1)."""
     cfg, fam, params, images, mesh = tiny
     scfg = _back_refine_cfg(cfg, keep=0.25)
     x0_hat = jax.random.normal(jax.random.key(1), (4, cfg.input.max_length, fam.text_config.hidden_size))
@@ -80,10 +82,13 @@ def test_back_refine_keeps_exactly_the_most_confident_positions(tiny):
     p = np.exp(logits - logits.max(-1, keepdims=True))
     confidence = (p / p.sum(-1, keepdims=True)).max(-1)
     n_keep = cfg.input.max_length // 4
+    abar = alphas_cumprod(cfg.diffusion.schedule, cfg.diffusion.num_timesteps)[-1]  # the restart is at T - 1
+    assert cfg.diffusion.sample_noise_factor == 1.0
     for b in range(4):
         kept = np.zeros(cfg.input.max_length, bool)
         kept[np.argsort(-confidence[b], kind="stable")[:n_keep]] = True
-        np.testing.assert_array_equal(out["x"][b][kept], np.asarray(x0_hat[b])[kept])
+        want = np.sqrt(abar) * np.asarray(x0_hat[b]) + np.sqrt(1 - abar) * np.asarray(fresh["x"][b])
+        np.testing.assert_allclose(out["x"][b][kept], want[kept], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(out["x0_hat"][b][kept], np.asarray(x0_hat[b])[kept])
         np.testing.assert_array_equal(out["x"][b][~kept], np.asarray(fresh["x"][b])[~kept])
         np.testing.assert_array_equal(out["x0_hat"][b][~kept], 0.0)
