@@ -14,6 +14,7 @@ Two options of the loop itself, read from the sampler config:
   renoised -- the result is plain sampling's.
 - **Trajectory** (``trajectory=True``): the scan also returns, per step, the tokens decoded from the
   current prediction and the distance of the current latent prediction to the final one; no second loop.
+  It holds every step's latent prediction (steps x batch x length x width floats) until the end.
 
 Minimum Bayes Risk (``sampler.mbr``, several candidates per image) runs beside the loop, in
 ``ladic_jax.evaluation.evaluator.mbr_sample``.

@@ -400,6 +400,11 @@ def write_report(workdir: str | os.PathLike) -> tuple[epath.Path, epath.Path | N
     return table_path, plot_path
 
 
+def _order_key(values: Sequence[Any]) -> tuple:
+    """Sorts settings numerically where they are numbers (steps 5 before 10), else by their text."""
+    return tuple((0, float(v), "") if _number(v) is not None else (1, 0.0, str(v)) for v in values)
+
+
 def _setting(value: Any) -> str:
     return "-" if value is None else format(value, "g") if isinstance(value, float) else str(value)
 
@@ -420,13 +425,13 @@ def plot_sweep(records: Sequence[Mapping[str, Any]], axes: Sequence[str], axis: 
         lines.setdefault(tuple(sampler_value(record, a) for a in others), []).append(record)
     xs = [sampler_value(r, axis) for r in records]
     numeric = all(_number(x) is not None for x in xs)
-    order = sorted(set(xs), key=lambda x: (float(x) if numeric else str(x)))
+    order = sorted(set(xs), key=lambda x: _order_key([x]))
     position = {x: (float(x) if numeric else i) for i, x in enumerate(order)}
 
     figure = Figure(figsize=(4 * len(SWEEP_COLUMNS), 3.6), dpi=100, layout="constrained")
     panels = figure.subplots(1, len(SWEEP_COLUMNS))
     for panel, (key, title) in zip(panels, SWEEP_COLUMNS):
-        for i, (combo, group) in enumerate(sorted(lines.items(), key=lambda kv: str(kv[0]))):
+        for i, (combo, group) in enumerate(sorted(lines.items(), key=lambda kv: _order_key(kv[0]))):
             group = sorted(group, key=lambda r: position[sampler_value(r, axis)])
             values = [np.nan if (v := _number(r.get(key))) is None else 100.0 * v for r in group]
             label = ", ".join(f"{a}={_setting(v)}" for a, v in zip(others, combo)) or None
