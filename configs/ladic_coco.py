@@ -53,6 +53,10 @@ def get_config(arg=None):
         stats_batches=50, dedup_consecutive=False, vocab="full", max_vocab=0)
     c.diffusion = dict(schedule="cosine", num_timesteps=1000, noise_factor=1.0, sample_noise_factor=1.0)
     c.sampler = dict(steps=30, method="ddim", eta=0.0, guidance=1.0, self_cond=True, t_offset=0)
+    # Back&Refine (paper §3.4: stop at t = at·T, keep the `keep` most confident positions, restart) and
+    # Minimum Bayes Risk over `mbr` candidates per image (paper table 7); both off by default.
+    c.sampler.back_refine = dict(enabled=False, at=0.5, keep=0.5)
+    c.sampler.mbr, c.sampler.mbr_metric = 1, "bleu"
 
     c.total_steps = arg.steps
     c.num_epochs = 60

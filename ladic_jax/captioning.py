@@ -14,7 +14,8 @@ from ladic_jax import sampler as sampler_lib
 from ladic_jax import sharding
 from ladic_jax import trainer
 from ladic_jax.data import image_files
-from ladic_jax.evaluation.evaluator import sampler_config
+from ladic_jax.data import text as text_lib
+from ladic_jax.evaluation.evaluator import mbr_sample, sampler_config
 from ladic_jax.evaluation.offline import run_config
 
 
@@ -23,6 +24,7 @@ class Result:
     path: str
     caption: str | None = None
     error: str | None = None
+    steps: list[str] | None = None  # with show_steps: the caption decoded after every sampler step
 
 
 class Captioner:
@@ -38,28 +40,59 @@ class Captioner:
         self.params = state["params"]
         self._sample_fns = sampler_lib.SampleFns(self.sk.family)
 
-    def caption_arrays(self, images: np.ndarray, *, seed: int = 0, pad_to: int = 0,
+    def caption_arrays(self, images: np.ndarray, *, seed: int = 0, template: str | None = None,
                        **sampler_overrides) -> list[str]:
-        """Normalised images (B, H, W, 3) -> captions. The batch is padded (with zero images) to a
-        multiple of the data-parallel size, and to ``pad_to`` so that batches of any size up to it
-        reuse one compiled sampler."""
-        fn = self._sample_fns(sampler_config(self.config, **sampler_overrides))
+        """Normalised images (B, H, W, 3) -> captions (see ``sample_arrays``)."""
+        return self.sample_arrays(images, seed=seed, template=template, **sampler_overrides)[0]
+
+    def sample_arrays(self, images: np.ndarray, *, seed: int = 0, template: str | None = None,
+                      show_steps: bool = False, pad_to: int = 0,
+                      **sampler_overrides) -> tuple[list[str], list[list[str]] | None]:
+        """Normalised images (B, H, W, 3) -> (captions, per image the caption after every loop step or None).
+
+        ``template``: infill it ("a [MASK] dog on the [MASK]", see ``text.tokenize_template``) instead
+        of captioning freely. ``sampler_overrides`` (steps, guidance, mbr, ...) change the run's sampler.
+        The batch is padded (with zero images) to a multiple of the data-parallel size, and to ``pad_to``
+        so that batches of any size up to it reuse one compiled sampler.
+        """
+        sampler_cfg = sampler_config(self.config, **sampler_overrides)
+        fn = self._sample_fns(sampler_cfg, show_steps)
         n = len(images)
         dp = sharding.data_parallel_size(self.sk.mesh)
         pad = max(pad_to - n, 0)
         pad += (-(n + pad)) % dp
         if pad:
             images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-        batch = sharding.global_batch({"image": images}, self.sk.mesh)
-        tokens = np.asarray(jax.device_get(fn(self.params, batch, jax.random.key(seed))))
-        return self.sk.family.decode(tokens[:n])
+        arrays = {"image": images}
+        if template is not None:
+            tokens, given = self.template_arrays(template)
+            arrays["template_tokens"] = np.tile(tokens, (len(images), 1))
+            arrays["template_given"] = np.tile(given, (len(images), 1))
+        batch = sharding.global_batch(arrays, self.sk.mesh)
+        sample = lambda key: jax.tree.map(lambda a: np.asarray(jax.device_get(a))[:n],  # noqa: E731
+                                          fn(self.params, batch, key))
+        decode = lambda out: self.sk.family.decode(out["tokens"] if show_steps else out)  # noqa: E731
+        captions, chosen, outputs, _ = mbr_sample(sample, jax.random.key(seed), int(sampler_cfg.mbr), decode,
+                                                  sampler_cfg.mbr_metric)
+        if not show_steps:
+            return captions, None
+        return captions, [self.sk.family.decode(outputs[c]["step_tokens"][i]) for i, c in enumerate(chosen)]
+
+    def template_arrays(self, template: str) -> tuple[np.ndarray, np.ndarray]:
+        """An infilling template's token ids and given-mask (L,); a bad template raises ValueError."""
+        return text_lib.tokenize_template(self.sk.family.tokenizer, template, int(self.config.input.max_length))
+
+    def loop_timesteps(self, **sampler_overrides) -> list[int]:
+        """The timestep of every sampler step (Back&Refine's restart included), to label ``Result.steps``."""
+        return sampler_lib.loop_timesteps(self.sk.family, sampler_config(self.config, **sampler_overrides)).tolist()
 
     def caption_files(self, paths: Sequence[str], *, batch_size: int = 32, progress: bool = False,
-                      seed: int = 0, **sampler_overrides) -> Iterator[Result]:
+                      **sample_kwargs) -> Iterator[Result]:
         """Captions every readable image among ``paths`` (files, or directories searched recursively),
         ``batch_size`` at a time, yielding one Result per file in order. A file that cannot be read, or
         a directory without image files, is yielded with ``error`` set and the rest go on. ``progress``
-        draws a bar on stderr."""
+        draws a bar on stderr. ``sample_kwargs`` (seed, template, show_steps, sampler fields) go to
+        ``sample_arrays``."""
         inp = self.config.input
         files: list[tuple[str, str | None]] = []  # (path, error)
         for p in paths:
@@ -77,9 +110,15 @@ class Captioner:
 
         def flush():
             good = [a for _, a, _ in pending if a is not None]
-            caps = iter(self.caption_arrays(np.stack(good), seed=seed, pad_to=pad_to, **sampler_overrides)
-                        if good else [])
-            out = [Result(p, error=e) if a is None else Result(p, caption=next(caps)) for p, a, e in pending]
+            caps, steps = self.sample_arrays(np.stack(good), pad_to=pad_to, **sample_kwargs) if good else ([], None)
+            results = iter(zip(caps, steps or [None] * len(caps)))
+            out = []
+            for p, a, e in pending:
+                if a is None:
+                    out.append(Result(p, error=e))
+                else:
+                    c, st = next(results)
+                    out.append(Result(p, caption=c, steps=st))
             if bar:
                 bar.update(len(pending))
             pending.clear()

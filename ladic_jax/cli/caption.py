@@ -18,16 +18,28 @@ def main(argv=None) -> None:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the config's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w")
+    p.add_argument("--mbr", type=int, default=None, metavar="N",
+                   help="sample N candidates per image and keep the one agreeing most with the others")
+    p.add_argument("--back-refine", action="store_true", help="Back&Refine (fractions: config.sampler.back_refine)")
+    p.add_argument("--template", default=None, help='infill a caption with blanks, e.g. "a [MASK] circle left of '
+                   'a [MASK] square": each [MASK] is one word piece to fill; the template sets the length')
+    p.add_argument("--show-steps", action="store_true", help="also print the caption decoded after every step")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON record per file on stdout")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar on stderr (default: when stderr is a terminal)")
     args, overrides = common.parse(p, argv)
+    if args.back_refine:
+        overrides.append("sampler.back_refine.enabled=true")
     common.setup_logging()
     from ladic_jax.captioning import Captioner
+    sampler = {"steps": args.steps, "guidance": args.guidance, "mbr": args.mbr}
     try:
         cap = Captioner(args.workdir, step=args.step, overrides=overrides)
+        timesteps = cap.loop_timesteps(**sampler)  # also checks the sampler settings
+        if args.template is not None:
+            cap.template_arrays(args.template)
     except (FileNotFoundError, ValueError) as e:
         common.fail(str(e))
     failed = 0
@@ -35,17 +47,22 @@ def main(argv=None) -> None:
         common.fail(f"--batch-size must be positive, got {args.batch_size}")
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     for r in cap.caption_files(args.images, batch_size=args.batch_size, progress=progress, seed=args.seed,
-                               steps=args.steps, guidance=args.guidance):
+                               template=args.template, show_steps=args.show_steps, **sampler):
         if args.json:
-            print(json.dumps({"path": r.path, "caption": r.caption, "error": r.error}), flush=True)
+            record = {"path": r.path, "caption": r.caption, "error": r.error}
+            if args.show_steps:
+                record["steps"] = None if r.steps is None else [
+                    {"t": t, "caption": c} for t, c in zip(timesteps, r.steps)]
+            print(json.dumps(record), flush=True)
         elif r.error:
             print(f"skipped {r.error}", file=sys.stderr, flush=True)
         else:
+            for i, (t, c) in enumerate(zip(timesteps, r.steps or ())):
+                print(f"{r.path}\tstep {i + 1}/{len(timesteps)} t={t}\t{c}", flush=True)
             print(f"{r.path}\t{r.caption}", flush=True)
         failed += r.error is not None
     if failed:
         print(f"{failed} file(s) could not be read", file=sys.stderr)
-
 
 if __name__ == "__main__":
     main()

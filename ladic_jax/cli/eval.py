@@ -21,17 +21,28 @@ def main(argv=None) -> None:
     p.add_argument("--sampling-steps", type=_ints, default=None,
                    help="denoising steps, comma-separated (default: the config's sampler.steps)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w")
+    p.add_argument("--mbr", type=int, default=None, metavar="N",
+                   help="Minimum Bayes Risk over N sampled candidates per image (1: plain sampling)")
+    p.add_argument("--back-refine", action="store_true", help="Back&Refine (fractions: config.sampler.back_refine)")
+    p.add_argument("--sweep", nargs="+", default=None, metavar="FIELD=V1,V2",
+                   help="evaluate a grid of sampler settings, e.g. --sweep steps=1,5,10,30 guidance=0,1,2; writes "
+                        "a table and a plot of the metrics against each field")
+    p.add_argument("--trajectory", action="store_true",
+                   help="record the mean latent distance to the final prediction after every denoising step")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--force", action="store_true", help="re-evaluate checkpoints already evaluated")
     args, overrides = common.parse(p, argv)
+    if args.back_refine:
+        overrides.append("sampler.back_refine.enabled=true")
     common.setup_logging()
     from ladic_jax.evaluation import offline
     try:
+        sweep = offline.parse_sweep(args.sweep) if args.sweep else None
         offline.evaluate_run(args.workdir, steps=args.step, sampling_steps=args.sampling_steps,
-                             guidance=args.guidance, limit=args.limit, force=args.force, overrides=overrides)
+                             guidance=args.guidance, mbr=args.mbr, sweep=sweep, trajectory=args.trajectory,
+                             limit=args.limit, force=args.force, overrides=overrides)
     except (FileNotFoundError, ValueError) as e:
         common.fail(str(e))
-
 
 if __name__ == "__main__":
     main()

@@ -30,8 +30,12 @@ __all__ = [
     "swap_left_right",
     "load_tokenizer",
     "tokenize",
+    "tokenize_template",
     "decode_tokens",
 ]
+
+BLANK = "[MASK]"
+_BLANK_RE = re.compile(r"\[mask\]", re.IGNORECASE)
 
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "`": "'", "\u02bc": "'"})
 # An apostrophe that does not sit between two letters/digits ("[^\W_]" is a letter or digit).
@@ -130,3 +134,38 @@ def decode_tokens(tokenizer, tokens: np.ndarray | Sequence[Sequence[int]]) -> li
         np.asarray(tokens).tolist(), skip_special_tokens=True, clean_up_tokenization_spaces=False
     )
     return [_WHITESPACE.sub(" ", _SPACED_APOSTROPHE.sub("'", t)).strip() for t in texts]
+
+
+def tokenize_template(tokenizer, template: str, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenizes an infilling template such as "a [MASK] square above a small [MASK] circle".
+
+    The text between blanks is normalised like a caption; each ``[MASK]`` is one token position to fill.
+    The template fixes the caption's length: [CLS], the given tokens and blanks, [SEP], then padding
+    to ``max_length``; padding and specials are given too, so a blank may only be filled with one word
+    piece or left empty (filled with a special token, dropped when decoding). Write several ``[MASK]``
+    to leave room for several words.
+
+    Returns:
+      ``(tokens, given)``, int32 of shape ``(max_length,)``; ``given`` is 0 at the blanks, 1 elsewhere.
+    """
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError(f"template must be a non-empty string, got {template!r}")
+    parts = _BLANK_RE.split(template)
+    if len(parts) < 2:
+        raise ValueError(f"template {template!r} has no {BLANK} blank to fill")
+    blank_id = tokenizer.mask_token_id if tokenizer.mask_token_id is not None else tokenizer.pad_token_id
+    ids, given = [tokenizer.cls_token_id], [1]
+    for i, part in enumerate(parts):
+        if i:
+            ids.append(blank_id)
+            given.append(0)
+        words = tokenizer(normalize_caption(part), add_special_tokens=False)["input_ids"] if part.strip() else []
+        ids += words
+        given += [1] * len(words)
+    ids.append(tokenizer.sep_token_id)
+    given.append(1)
+    if len(ids) > max_length:
+        raise ValueError(f"template {template!r} is {len(ids)} tokens with [CLS] and [SEP]; captions hold at "
+                         f"most max_length={max_length}")
+    pad = max_length - len(ids)
+    return (np.asarray(ids + [tokenizer.pad_token_id] * pad, np.int32), np.asarray(given + [1] * pad, np.int32))

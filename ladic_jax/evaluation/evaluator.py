@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -27,13 +27,40 @@ log = logging.getLogger(__name__)
 
 
 def sampler_config(config, **overrides):
-    """config.sampler with overrides (e.g. steps=30, guidance=0.0), unlocked copy."""
-    cfg = config.sampler.copy_and_resolve_references()
+    """config.sampler with overrides (e.g. steps=30, guidance=0.0), unlocked copy, validated.
+
+    Fields of the shared loop that the config lacks (a run saved before they existed) take their
+    defaults (``ladic_jax.sampler.default_fields``).
+    """
+    cfg = sampler_lib.complete(config.sampler.copy_and_resolve_references())
     with cfg.unlocked():
         for k, v in overrides.items():
             if v is not None:
                 setattr(cfg, k, v)
+    sampler_lib.validate_sampler(cfg)
     return cfg
+
+
+def mbr_sample(sample: Callable[[jax.Array], Any], rng: jax.Array, n: int,
+               decode: Callable[[Any], list[str]], metric: str = "bleu"
+               ) -> tuple[list[str], list[int], list[Any], list[list[str]]]:
+    """Minimum Bayes Risk selection (LaDiC table 7) over ``n`` sampled candidates per image.
+
+    Candidate 0 is ``sample(rng)`` (so n = 1 is plain sampling), candidate c ``sample(fold_in(rng, c))``.
+    Each is decoded to captions; per image the candidate with the highest mean agreement with the
+    others is kept, by ``metrics.mbr_select`` (add-one smoothed sentence BLEU-4, or CIDEr-D). Selection
+    runs on the decoded words, beside the jitted sampler: that is the text the metrics score, with
+    special tokens dropped and word pieces joined, and its n(n-1) pairs per image cost far less than
+    sampling the candidates.
+
+    Returns the chosen captions, the chosen candidate per image, the n raw outputs and their captions.
+    """
+    outputs = [sample(rng if c == 0 else jax.random.fold_in(rng, c)) for c in range(n)]
+    texts = [decode(out) for out in outputs]
+    if n == 1:
+        return texts[0], [0] * len(texts[0]), outputs, texts
+    chosen = metrics_lib.mbr_select([list(pool) for pool in zip(*texts)], metric)
+    return [texts[c][i] for i, c in enumerate(chosen)], chosen, outputs, texts
 
 
 def _to_numpy(x: jax.Array) -> np.ndarray:
@@ -49,7 +76,7 @@ class Evaluator:
         self.family = family
         self.config = config
         self.mesh = mesh
-        self._sample_fns = sampler_lib.SampleFns(family, out_shardings=sharding.batch_sharding(mesh, 2))
+        self._sample_fns = sampler_lib.SampleFns(family, mesh)
         self._scorer = None  # one METEOR JVM for all evaluations of this evaluator
 
     def close(self) -> None:
@@ -57,22 +84,35 @@ class Evaluator:
             self._scorer.close()
             self._scorer = None
 
-    def caption_batches(self, params, *, sampler_cfg, split=None, limit=None, rng=None):
-        """Yields (image_ids, captions, references, sampling seconds) per evaluation batch, valid
-        examples only."""
-        fn = self._sample_fns(sampler_cfg)
+    def caption_batches(self, params, *, sampler_cfg, split=None, limit=None, rng=None, trajectory=False):
+        """Yields (image_ids, captions, references, sampling seconds, extras) per evaluation batch, valid
+        examples only. ``extras`` holds one dict per image: its MBR ``candidates`` (when
+        ``sampler_cfg.mbr`` > 1) and, with ``trajectory``, its ``latent_distance`` per loop step (mean over
+        the candidates)."""
+        fn = self._sample_fns(sampler_cfg, trajectory)
         rng = jax.random.key(self.config.seed + 1) if rng is None else rng
+        n = int(sampler_cfg.mbr)
         it = pipeline.make_eval_iterator(self.config.input, self.family.tokenizer, split=split, limit=limit)
         for i, batch in enumerate(it):
             gb = sharding.global_batch(batch, self.mesh)
-            t0 = time.perf_counter()
-            tokens = _to_numpy(fn(params, gb, jax.random.fold_in(rng, i)))
-            dt = time.perf_counter() - t0
-            ids = _to_numpy(gb["image_id"])
             mask = _to_numpy(gb["_mask"]).astype(bool)
+            t0 = time.perf_counter()
+            out = lambda key: jax.tree.map(lambda a: _to_numpy(a)[mask], fn(params, gb, key))  # noqa: E731
+            decode = lambda o: self.family.decode(o["tokens"] if trajectory else o)  # noqa: E731
+            captions, _, outputs, texts = mbr_sample(out, jax.random.fold_in(rng, i), n, decode,
+                                                     sampler_cfg.mbr_metric)
+            dt = time.perf_counter() - t0
+            ids = _to_numpy(gb["image_id"])[mask]
             refs = self._gather_references(batch)
-            captions = self.family.decode(tokens[mask])
-            yield ids[mask], captions, [refs[int(k)] for k in ids[mask]] if refs is not None else None, dt
+            extras = [{} for _ in ids]
+            if n > 1:
+                for j, e in enumerate(extras):
+                    e["candidates"] = [t[j] for t in texts]
+            if trajectory:
+                distance = np.mean([o["latent_distance"] for o in outputs], axis=0)
+                for e, d in zip(extras, distance):
+                    e["latent_distance"] = d.tolist()
+            yield ids, captions, [refs[int(k)] for k in ids] if refs is not None else None, dt, extras
 
     def _gather_references(self, batch) -> dict[int, list[str]] | None:
         local = {int(i): list(r) for i, r, m in zip(batch["image_id"], batch["references"], batch["_mask"]) if m}
@@ -90,21 +130,30 @@ class Evaluator:
         return merged
 
     def run(self, params, *, step: int, workdir: str | None, split=None, limit=None, write=True,
-            tag: str = "", **sampler_overrides) -> dict:
-        sampler_cfg = sampler_config(self.config, **sampler_overrides)
+            tag: str = "", sampler_cfg=None, trajectory: bool = False, **sampler_overrides) -> dict:
+        """Samples, scores and (``write``) stores one evaluation. The sampler config is ``sampler_cfg``
+        or the run config's with ``sampler_overrides``. With ``trajectory``, the result also holds
+        ``latent_distance``: per loop step (``trajectory_timesteps``), the mean over images of the
+        distance between that step's latent prediction and the final one."""
+        if sampler_cfg is None:
+            sampler_cfg = sampler_config(self.config, **sampler_overrides)
         records, seconds, timed, first = [], 0.0, 0, True
-        for ids, caps, refs, dt in self.caption_batches(params, sampler_cfg=sampler_cfg, split=split,
-                                                        limit=limit):
+        for ids, caps, refs, dt, extras in self.caption_batches(params, sampler_cfg=sampler_cfg, split=split,
+                                                                limit=limit, trajectory=trajectory):
             if first:  # the first call includes compilation: leave it out of the timing
                 first = False
             else:
                 seconds, timed = seconds + dt, timed + len(ids)
-            for i, c, r in zip(ids, caps, refs):
-                records.append({"image_id": int(i), "caption": c, "references": r})
+            for i, c, r, e in zip(ids, caps, refs, extras):
+                records.append({"image_id": int(i), "caption": c, "references": r, **e})
         n = len(records)
         result: dict[str, Any] = {"num_images": n, "sampling_steps": int(sampler_cfg.steps),
                                   "guidance": float(sampler_cfg.get("guidance", 0.0)),
-                                  "seconds_per_image": seconds / timed if timed > 0 else None}
+                                  "seconds_per_image": seconds / timed if timed > 0 else None,
+                                  "sampler": sampler_cfg.to_dict()}
+        if trajectory and records:
+            result["trajectory_timesteps"] = sampler_lib.loop_timesteps(self.family, sampler_cfg).tolist()
+            result["latent_distance"] = np.mean([r["latent_distance"] for r in records], axis=0).tolist()
         if jax.process_index() == 0:
             preds = {r["image_id"]: r["caption"] for r in records}
             refs = {r["image_id"]: r["references"] for r in records}

@@ -210,6 +210,11 @@ def _read_json(path: epath.Path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
+def read_eval(workdir: str | os.PathLike, step: int, tag: str = "") -> dict:
+    """The stored evaluation of checkpoint `step` with `tag`."""
+    return _read_json(metrics_path(workdir, step, tag))
+
+
 def read_evals(workdir: str | os.PathLike, tag: str = "") -> dict[int, dict]:
     """The evaluations of a run with one tag: step -> the dict stored in its JSON, ascending by step."""
     return {step: _read_json(metrics_path(workdir, step, tag)) for step in evaluated_steps(workdir, tag)}
@@ -273,11 +278,24 @@ def _cell(record: Mapping[str, Any], key: str, scale: float = 100.0, fmt: str = 
     return format(number * scale, fmt)
 
 
-def format_table(evals: Evals) -> str:
+def sampler_value(record: Mapping[str, Any], field: str) -> Any:
+    """A sampler setting of an evaluation, by dotted name ("steps", "back_refine.keep"), from its
+    stored ``sampler`` section (``sampling_steps``/``guidance`` for records without one); None if absent."""
+    node: Any = record.get("sampler")
+    for name in field.split("."):
+        node = node.get(name) if isinstance(node, Mapping) else None
+    if node is None:
+        node = record.get({"steps": "sampling_steps", "guidance": "guidance"}.get(field, ""))
+    return node
+
+
+def format_table(evals: Evals, sampler_fields: Sequence[str] = (), show_tag: bool = False) -> str:
     """An aligned text table, one row per evaluation: B@1..B@4, METEOR, ROUGE-L, CIDEr, SPICE (x100), s/img.
 
-    Also shows the sampling steps T, the guidance w when any evaluation records one, and the number of
-    images. A metric that was not computed (SPICE without its jars) shows "n/a"; a missing key "-".
+    Also shows the sampling steps T, the guidance w when any evaluation records one, the number of
+    images, a column per name in `sampler_fields` (a sampler setting, see `sampler_value`) and, with
+    `show_tag`, the evaluation's file tag (which names its sampler settings, e.g. "_mbr5"). A metric
+    that was not computed (SPICE without its jars) shows "n/a"; a missing key "-".
     Rows come in step order for a {step: record} dict, in list order for a list of records.
     """
     records = _as_records(evals)
@@ -286,10 +304,13 @@ def format_table(evals: Evals) -> str:
         extra.append(("guidance", "w", "g"))
     extra.append(("num_images", "images", ".0f"))
     header = ["step"] + [title for _, title in SCORE_COLUMNS] + [title for _, title, _ in extra]
+    header += list(sampler_fields) + (["tag"] if show_tag else [])
     rows = []
     for record in records:
         row = [str(record["step"])] + [_cell(record, key) for key, _ in SCORE_COLUMNS]
         row += [_cell(record, key, scale=1.0, fmt=fmt) for key, _, fmt in extra]
+        row += [_setting(sampler_value(record, field)) for field in sampler_fields]
+        row += [record.get("tag") or "-"] if show_tag else []
         rows.append(row)
     widths = [max(len(r[c]) for r in [header] + rows) for c in range(len(header))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in [header] + rows]
@@ -365,14 +386,89 @@ def plot_metrics(evals: Evals, out_png: str | os.PathLike) -> None:
 def write_report(workdir: str | os.PathLike) -> tuple[epath.Path, epath.Path | None]:
     """Writes ``eval/metrics.txt`` (the table) and ``eval/metrics.png`` (the plot) of all evaluations.
 
-    Covers every tag, rows sorted by (tag, step). Returns both paths; the plot's is None when there is
-    no evaluation yet.
+    Covers every tag, rows sorted by (tag, step), with a tag column when there are several. Returns both
+    paths; the plot's is None when there is no evaluation yet.
     """
     records = read_all_evals(workdir)
     table_path = eval_dir(workdir) / TABLE_FILE
-    _write_atomically(table_path, format_table(records).encode("utf-8"))
+    several_tags = len({r.get("tag", "") for r in records}) > 1
+    _write_atomically(table_path, format_table(records, show_tag=several_tags).encode("utf-8"))
     if not records:
         return table_path, None
     plot_path = eval_dir(workdir) / PLOT_FILE
     plot_metrics(records, plot_path)
     return table_path, plot_path
+
+
+def _order_key(values: Sequence[Any]) -> tuple:
+    """Sorts settings numerically where they are numbers (steps 5 before 10), else by their text."""
+    return tuple((0, float(v), "") if _number(v) is not None else (1, 0.0, str(v)) for v in values)
+
+
+def _setting(value: Any) -> str:
+    return "-" if value is None else format(value, "g") if isinstance(value, float) else str(value)
+
+
+SWEEP_COLUMNS = (("bleu_4", "BLEU-4"), ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr-D"))
+
+
+def plot_sweep(records: Sequence[Mapping[str, Any]], axes: Sequence[str], axis: str, out_png: str | os.PathLike
+               ) -> None:
+    """Plots BLEU-4, METEOR, ROUGE-L and CIDEr (x100) against the sampler setting `axis`, one panel per
+    metric and one line per combination of the other swept settings `axes` (e.g. one per guidance w
+    when `axis` is "steps"). Numeric settings sit on a numeric x axis, others (e.g. method) in order."""
+    if not records:
+        raise ValueError("no evaluations to plot")
+    others = [a for a in axes if a != axis]
+    lines: dict[tuple, list[Mapping[str, Any]]] = {}
+    for record in records:
+        lines.setdefault(tuple(sampler_value(record, a) for a in others), []).append(record)
+    xs = [sampler_value(r, axis) for r in records]
+    numeric = all(_number(x) is not None for x in xs)
+    order = sorted(set(xs), key=lambda x: _order_key([x]))
+    position = {x: (float(x) if numeric else i) for i, x in enumerate(order)}
+
+    figure = Figure(figsize=(4 * len(SWEEP_COLUMNS), 3.6), dpi=100, layout="constrained")
+    panels = figure.subplots(1, len(SWEEP_COLUMNS))
+    for panel, (key, title) in zip(panels, SWEEP_COLUMNS):
+        for i, (combo, group) in enumerate(sorted(lines.items(), key=lambda kv: _order_key(kv[0]))):
+            group = sorted(group, key=lambda r: position[sampler_value(r, axis)])
+            values = [np.nan if (v := _number(r.get(key))) is None else 100.0 * v for r in group]
+            label = ", ".join(f"{a}={_setting(v)}" for a, v in zip(others, combo)) or None
+            panel.plot([position[sampler_value(r, axis)] for r in group], values, marker="o", markersize=4,
+                       color=f"C{i}", label=label)
+        panel.set_title(f"{title} vs {axis}")
+        panel.set_xlabel(axis)
+        panel.set_ylabel(f"{title} x100")
+        panel.grid(True, alpha=0.3)
+        if not numeric:
+            panel.set_xticks(range(len(order)), [str(x) for x in order])
+    if others:
+        panels[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    _write_atomically(epath.Path(out_png), buffer.getvalue())
+
+
+def sweep_name(step: int, axes: Sequence[str]) -> str:
+    """Base name of a sweep's files: ``sweep_step<N>_<axis>_<axis>``."""
+    return f"sweep_step{_check_step(step)}_" + "_".join(re.sub(r"[^A-Za-z0-9.]", "-", a) for a in axes)
+
+
+def write_sweep(workdir: str | os.PathLike, step: int, records: Sequence[Mapping[str, Any]], axes: Sequence[str]
+                ) -> tuple[epath.Path, list[epath.Path]]:
+    """Writes a sweep of checkpoint `step` over the sampler settings `axes`: ``eval/<name>.txt`` (the table,
+    with a column per axis beyond T and w) and ``eval/<name>_vs_<axis>.png`` per axis (`plot_sweep`). Returns the paths."""
+    if not axes:
+        raise ValueError("a sweep needs at least one swept setting")
+    name = sweep_name(step, axes)
+    records = [{**r, "step": step} for r in records]
+    table_path = eval_dir(workdir) / f"{name}.txt"
+    shown = [a for a in axes if a not in ("steps", "guidance")]  # the table has T and w already
+    _write_atomically(table_path, format_table(records, sampler_fields=shown).encode("utf-8"))
+    plots = []
+    for axis in axes:
+        path = eval_dir(workdir) / f"{name}_vs_{re.sub(r'[^A-Za-z0-9.]', '-', axis)}.png"
+        plot_sweep(records, axes, axis, path)
+        plots.append(path)
+    return table_path, plots

@@ -6,7 +6,9 @@ checkpointing and sharding only ever talk to a family through this interface and
 
 All array methods are pure functions of (params, inputs, rng) so that they can be jitted and sharded
 by the caller. ``batch`` is a dict of global arrays with at least ``image`` (B,H,W,3) float32 and, in
-training, ``tokens``/``token_mask`` (B,L) int32.
+training, ``tokens``/``token_mask`` (B,L) int32. For infilling, a sampling batch may also carry
+``template_tokens`` (B,L) int32 and ``template_given`` (B,L) int32 (1 where the template gives the token,
+0 at a blank): a family that supports it keeps the given tokens and fills the blanks.
 """
 
 from __future__ import annotations
@@ -83,6 +85,16 @@ class Family(abc.ABC):
     @abc.abstractmethod
     def finalize(self, params: Params, context: Any, state: Any, sampler_cfg) -> jax.Array:
         """Final state -> token ids (B, L) int32."""
+
+    def prediction(self, params: Params, context: Any, state: Any, sampler_cfg) -> tuple[jax.Array, jax.Array]:
+        """The clean prediction held by a state during sampling: token ids (B, L) and the latent (B, L, D)
+        they decode from. Recorded per step for denoising trajectories."""
+        raise NotImplementedError(f"family {self.name!r} does not record denoising trajectories")
+
+    def back_and_refine(self, params: Params, context: Any, state: Any, fresh: Any, sampler_cfg) -> Any:
+        """Back&Refine's restart: the state with the least confident positions replaced by those of
+        ``fresh`` (a new initial state); the loop then denoises again from the first timestep."""
+        raise NotImplementedError(f"family {self.name!r} does not support Back&Refine")
 
 
 _REGISTRY: dict[str, type[Family]] = {}

@@ -28,7 +28,12 @@ Config (``config.model``):
   loss training the image encoder to tell which words an image's captions use; 0 = off; for image
   encoders trained from scratch).
 ``config.diffusion``: schedule, num_timesteps, noise_factor, sample_noise_factor.
-``config.sampler``: steps, method ("ddim" | "renoise"), eta, guidance (w), self_cond, t_offset.
+``config.sampler``: steps, method ("ddim" | "renoise"), eta, guidance (w), self_cond, t_offset; and the
+shared loop's back_refine, mbr, mbr_metric (``ladic_jax.sampler``).
+
+Infilling (paper §4.5): a sampling batch with ``template_tokens``/``template_given`` keeps the given
+tokens: their latents (encoded with the blanks masked out) replace x̂0 at their positions after every
+prediction, clean, and the update then noises them to the next timestep like the rest.
 """
 
 from __future__ import annotations
@@ -423,6 +428,13 @@ class Ladic(base.Family):
                 img = self._apply(params, jnp.zeros_like(batch["image"]), method=LadicModel.image_tokens)
             ctx["null"] = self._apply(params, img, jnp.full((bsz,), not self._zero_image_null),
                                       method=LadicModel.condition)
+        if "template_tokens" in batch:
+            # Infilling: the latents of the given tokens, encoded with the blanks left out of attention.
+            tokens, given = batch["template_tokens"], batch["template_given"] > 0
+            attend = given & (tokens != self.tokenizer.pad_token_id)
+            ctx["given"] = given
+            ctx["given_tokens"] = tokens
+            ctx["given_latent"], _ = self.text_latents(params, tokens, attend.astype(jnp.int32))
         return ctx
 
     def initial_state(self, params, context, rng, sampler_cfg):
@@ -448,6 +460,11 @@ class Ladic(base.Family):
     def denoise_step(self, params, context, state, t, t_next, rng, sampler_cfg):
         sc = state["x0_hat"] if sampler_cfg.self_cond else jnp.zeros_like(state["x"])
         x0_hat = self.predict_x0(params, context, state["x"], t, sc, sampler_cfg)
+        if "given" in context:
+            # Infilling: the given latents replace their prediction before the update, so that the
+            # step noises them to t_next like any other x0 (DDIM and re-noising alike), and they are
+            # what self-conditioning and the final decoding see.
+            x0_hat = jnp.where(context["given"][..., None], context["given_latent"], x0_hat)
         bsz = x0_hat.shape[0]
         tb, tnb = jnp.full((bsz,), t, jnp.int32), jnp.full((bsz,), t_next, jnp.int32)
         if sampler_cfg.method == "ddim":
@@ -459,8 +476,40 @@ class Ladic(base.Family):
         return {"x": x, "x0_hat": x0_hat}
 
     def finalize(self, params, context, state, sampler_cfg):
+        return self.prediction(params, context, state, sampler_cfg)[0]
+
+    def prediction(self, params, context, state, sampler_cfg):
+        """Tokens decoded from x̂0 (the template's own tokens at its given positions: the upper BERT is
+        contextual, so a given latent alone does not guarantee its token) and x̂0 itself."""
         logits = self._apply(params, state["x0_hat"], method=LadicModel.decode_logits)
-        return self._to_token_ids(params, jnp.argmax(logits, -1).astype(jnp.int32))
+        tokens = self._to_token_ids(params, jnp.argmax(logits, -1).astype(jnp.int32))
+        if "given" in context:
+            tokens = jnp.where(context["given"], context["given_tokens"], tokens)
+        return tokens, state["x0_hat"]
+
+    def back_and_refine(self, params, context, state, fresh, sampler_cfg):
+        """Keeps the ``back_refine.keep`` fraction of positions whose x̂0 the LM head is most confident
+        of (max softmax probability; ties to the earlier position) and given template positions; the
+        others restart from ``fresh`` (noise, no self-conditioning).
+
+        A kept position enters the restart as its x̂0 noised to the first timestep with the fresh noise
+        (x_T ~ q(x_T | x̂0), the distribution the model was trained on) and as the self-conditioning x̂0.
+        Putting the clean x̂0 into x_T instead (one reading of the paper's figure 5) scored worse on the
+        shapes model (BLEU-4 0.070 vs 0.089, CIDEr 0.57 vs 0.97; plain sampling 0.080 / 0.64). With
+        ᾱ_T ≈ 0 the kept tokens reach the refine pass through self-conditioning."""
+        x0_hat = state["x0_hat"]
+        logits = self._apply(params, x0_hat, method=LadicModel.decode_logits).astype(jnp.float32)
+        confidence = jnp.max(jax.nn.softmax(logits, -1), -1)
+        n_keep = int(np.floor(float(sampler_cfg.back_refine.keep) * confidence.shape[1] + 0.5))
+        rank = jnp.argsort(jnp.argsort(-confidence, axis=-1, stable=True), axis=-1)
+        kept = rank < n_keep
+        if "given" in context:
+            kept = kept | context["given"]
+        kept = kept[..., None]
+        k = self.diffusion.sample_noise_factor
+        t = jnp.full((x0_hat.shape[0],), int(self.timesteps(sampler_cfg)[0]), jnp.int32)
+        noised = self.diffusion.q_sample(x0_hat, t, fresh["x"] / k, factor=k)
+        return {"x": jnp.where(kept, noised, fresh["x"]), "x0_hat": jnp.where(kept, x0_hat, fresh["x0_hat"])}
 
     def _to_token_ids(self, params, index):
         """Argmax positions of the logits -> token ids (identity with the full vocabulary)."""

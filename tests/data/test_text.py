@@ -115,3 +115,17 @@ def test_load_tokenizer_errors(tmp_path, tiny_dir):
         text.load_tokenizer(str(tmp_path))  # An existing directory without tokenizer files.
     with pytest.raises(ValueError, match="local directory or a hub id"):
         text.load_tokenizer("")
+
+
+def test_tokenize_template_hand_computed(tiny):
+    """Each [MASK] is one blank position; the text between blanks is normalised; the template sets the
+    caption's length and everything but the blanks (specials and padding included) is given."""
+    tokens, given = text.tokenize_template(tiny, "A [MASK] circle left of a [mask][MASK]", 12)
+    want = ["[CLS]", "a", "[MASK]", "circle", "left", "of", "a", "[MASK]", "[MASK]", "[SEP]", "[PAD]", "[PAD]"]
+    np.testing.assert_array_equal(tokens, [ID[w] for w in want])
+    np.testing.assert_array_equal(given, [0 if w == "[MASK]" else 1 for w in want])
+    assert tokens.dtype == given.dtype == np.int32
+    with pytest.raises(ValueError, match="no \\[MASK\\] blank"):
+        text.tokenize_template(tiny, "a red circle", 12)
+    with pytest.raises(ValueError, match="is 10 tokens .* max_length=9"):
+        text.tokenize_template(tiny, "A [MASK] circle left of a [mask][MASK]", 9)

@@ -109,3 +109,79 @@ def test_caption_cli_captions_good_files_and_reports_bad_ones(tiny_run, tmp_path
     assert "without image files" in by_name["../nothing"]["error"]
     assert "3 file(s) could not be read" in captured.err
     assert "captioning" in captured.err and "11/11" in captured.err  # the progress bar, on stderr
+
+
+TEMPLATE = "a [MASK] square above a small [MASK] circle"
+
+
+def test_caption_cli_infills_a_template_and_shows_every_step(tiny_run, tmp_path, capsys):
+    image = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(image)
+    caption_cli.main(["--workdir", tiny_run, "--steps", "3", "--show-steps", "--template", TEMPLATE, str(image)])
+    lines = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert [line[:2] for line in lines[:3]] == [[str(image), f"step {i + 1}/3 t={t}"]
+                                               for i, t in enumerate((999, 666, 333))]
+    assert len(lines) == 4 and lines[3][0] == str(image)
+    assert lines[2][2] == lines[3][1]  # the last step's caption is the caption
+    for caption in (line[-1] for line in lines):
+        words = iter(caption.split())
+        assert all(w in words for w in TEMPLATE.split() if w != "[MASK]"), caption  # given words, in order
+
+    with pytest.raises(SystemExit):
+        caption_cli.main(["--workdir", tiny_run, "--template", "a red circle", str(image)])
+    assert "has no [MASK] blank" in capsys.readouterr().err
+
+
+def test_eval_cli_rejects_bad_sampler_settings_naming_the_field(tiny_run, capsys):
+    with pytest.raises(SystemExit):
+        eval_cli.main(["--workdir", tiny_run, "--config.sampler.back_refine.keep=1.5"])
+    assert "config.sampler.back_refine.keep" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_cli.main(["--workdir", tiny_run, "--mbr", "0"])
+    assert "config.sampler.mbr" in capsys.readouterr().err
+
+
+def test_eval_cli_mbr_and_trajectory_are_recorded(tiny_run):
+    eval_cli.main(["--workdir", tiny_run, "--step", "4", "--sampling-steps", "2", "--mbr", "2", "--trajectory",
+                   "--limit", "8"])
+    res = json.loads(report.metrics_path(tiny_run, 4, "_s2_mbr2").read_text())
+    assert (res["sampling_steps"], res["sampler"]["mbr"], res["num_images"]) == (2, 2, 8)
+    assert res["trajectory_timesteps"] == [999, 499] and len(res["latent_distance"]) == 2
+    assert res["latent_distance"][-1] == 0.0 and res["latent_distance"][0] > 0
+    for record in report.read_captions(tiny_run, 4, "_s2_mbr2"):
+        assert len(record["candidates"]) == 2 and record["caption"] in record["candidates"]
+
+
+def test_eval_cli_sweep_writes_the_grid_and_skips_done_points(tiny_run, capsys, monkeypatch):
+    """The grid, its file names, table and plots; each point's evaluation is replaced by a fake that
+    records the sampler settings it was given (the real evaluation is tested above)."""
+    from ladic_jax.evaluation import offline
+    calls = []
+
+    def fake_run(self, params, *, step, workdir, limit, tag, sampler_cfg, trajectory):
+        calls.append((sampler_cfg.steps, sampler_cfg.guidance, sampler_cfg.mbr))
+        res = {"num_images": 1, "sampling_steps": sampler_cfg.steps, "guidance": sampler_cfg.guidance,
+               "sampler": sampler_cfg.to_dict(), "bleu_4": 0.1 * sampler_cfg.steps, "meteor": 0.2,
+               "rouge_l": 0.3, "cider": sampler_cfg.guidance}
+        report.write_eval(workdir, step, res, [{"image_id": 0, "caption": "c", "references": ["c"]}], tag=tag)
+        return res
+
+    monkeypatch.setattr(offline.Evaluator, "run", fake_run)
+    args = ["--workdir", tiny_run, "--step", "4", "--sweep", "steps=1,3", "guidance=0,2", "--mbr", "3"]
+    eval_cli.main(args)
+    assert sorted(calls) == [(1, 0.0, 3), (1, 2.0, 3), (3, 0.0, 3), (3, 2.0, 3)]
+    # Tags name what differs from the run's sampler (5 steps, guidance 1, no MBR).
+    for tag in ("_s1_w0_mbr3", "_s1_w2_mbr3", "_s3_w0_mbr3", "_s3_w2_mbr3"):
+        assert report.evaluated_steps(tiny_run, tag=tag) == [4]
+    name = report.sweep_name(4, ["steps", "guidance"])
+    table = (report.eval_dir(tiny_run) / f"{name}.txt").read_text().splitlines()
+    assert len(table) == 3 + 4
+    columns = table[1].split()
+    rows = sorted((row.split()[columns.index("T")], row.split()[columns.index("w")], row.split()[columns.index("B@4")])
+                  for row in table[3:])
+    assert rows == [("1", "0", "10.00"), ("1", "2", "10.00"), ("3", "0", "30.00"), ("3", "2", "30.00")]
+    for axis in ("steps", "guidance"):
+        assert os.path.getsize(str(report.eval_dir(tiny_run) / f"{name}_vs_{axis}.png")) > 0
+    capsys.readouterr()
+    eval_cli.main(args)
+    assert len(calls) == 4 and capsys.readouterr().out.count("already evaluated, skipping") == 4
