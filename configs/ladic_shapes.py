@@ -38,7 +38,7 @@ def get_config(arg=None):
         image=dict(pretrained=None, kind="vit", config=dict(
             image_size=64, patch_size=8, hidden_size=128, num_layers=3, num_heads=4,
             intermediate_size=512, hidden_act="gelu", layer_norm_eps=1e-6, pre_norm=False,
-            patch_bias=True, norm_all_tokens=True)),
+            patch_bias=True, norm_all_tokens=True, stem="patch")),
         diffuser=dict(preset="tiny", overrides={}),
         special_latent="period", latent_loss="l2", ce_weight=0.2, self_cond_prob=0.5, uncond_prob=0.1,
         stats_batches=20, dedup_consecutive=False,

@@ -9,10 +9,17 @@ The two differ in three switches, kept explicit in `ViTConfig`:
 | `norm_all_tokens`: final LayerNorm on every token | no (CLS only) | yes, and HF applies it a second time to the pooled CLS |
 | activation, LayerNorm eps | quick_gelu, 1e-5 | exact gelu, 1e-5 in HF configs (1e-6 in timm/LaDiC) |
 
+A fourth switch, `stem`, is not in either: `"patch"` (the default, and the only one with pretrained weights)
+embeds each patch with one strided convolution; `"conv"` replaces it with a small convolutional stem
+(log2(patch_size) 3x3 stride-2 convolutions, each followed by a LayerNorm over channels and GELU, widths
+doubling up to `hidden_size`, then a 1x1 projection), which trains from scratch much faster on small data (Xiao et al. 2021, "Early convolutions help
+transformers see better"). Both give one token per `patch_size` x `patch_size` patch.
+
 `ViT(pixels)` takes NHWC images (B, H, W, C) of exactly `image_size` pixels and returns
 `(last_hidden_state, pooled)` with HF's meaning: all tokens (CLS first), and the pooled CLS token.
 
-Parameter tree: `embeddings/{class_embedding, position_embedding, patch_embedding/{kernel,bias}}`,
+Parameter tree: `embeddings/{class_embedding, position_embedding, patch_embedding/{kernel,bias}}`
+(with `stem="conv"` also `embeddings/stem_{i}/{kernel,bias}` and `embeddings/stem_norm_{i}/{scale,bias}`, and `patch_embedding` is the 1x1 projection),
 `pre_layer_norm` (CLIP), `layers_{i}/...` (see `pre_norm_block.py`), `post_layer_norm`.
 """
 
@@ -30,6 +37,7 @@ from ladic_jax.encoders.attention import KERNEL_INIT
 from ladic_jax.encoders.hf_config import hf_get
 from ladic_jax.encoders.pre_norm_block import PreNormBlock
 
+STEMS = ("patch", "conv")
 _VISION_MODEL_TYPES = {"clip_vision_model": "clip", "blip_vision_model": "blip"}
 
 
@@ -57,6 +65,7 @@ class ViTConfig:
     pre_norm: bool = True
     patch_bias: bool = False
     norm_all_tokens: bool = False
+    stem: str = "patch"
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "num_channels", "hidden_size", "num_layers", "num_heads",
@@ -71,6 +80,10 @@ class ViTConfig:
             raise ValueError(
                 f"ViTConfig.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
             )
+        if self.stem not in STEMS:
+            raise ValueError(f"ViTConfig.stem={self.stem!r} unknown; choose one of {STEMS}")
+        if self.stem == "conv" and (self.patch_size < 2 or self.patch_size & (self.patch_size - 1)):
+            raise ValueError(f"ViTConfig.stem='conv' needs a power-of-two patch_size >= 2, got {self.patch_size}")
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"ViTConfig.hidden_act={self.hidden_act!r} unknown; known: {sorted(ACTIVATIONS)}")
 
@@ -149,11 +162,22 @@ class ViTEmbeddings(nn.Module):
     def __call__(self, pixels: jax.Array) -> jax.Array:
         c = self.config
         batch = pixels.shape[0]
+        if c.stem == "conv":
+            x, width = pixels, c.hidden_size // (c.patch_size // 2)
+            for i in range(c.patch_size.bit_length() - 1):  # log2(patch_size) halvings
+                x = nn.Conv(max(width, 8), (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=self.dtype,
+                            param_dtype=self.param_dtype, name=f"stem_{i}")(x)
+                x = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                                 name=f"stem_norm_{i}")(x)
+                x, width = nn.gelu(x, approximate=False), width * 2
+            kernel = (1, 1)
+        else:
+            x, kernel = pixels, (c.patch_size, c.patch_size)
         patches = nn.Conv(
-            c.hidden_size, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size), padding="VALID",
+            c.hidden_size, kernel, strides=kernel, padding="VALID",
             use_bias=c.patch_bias, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=KERNEL_INIT,
             name="patch_embedding",
-        )(pixels)
+        )(x)
         patches = patches.reshape(batch, c.num_patches, c.hidden_size)  # row-major over the patch grid, like HF
         cls_token = self.param("class_embedding", KERNEL_INIT, (c.hidden_size,), self.param_dtype)
         positions = self.param("position_embedding", KERNEL_INIT, (c.num_tokens, c.hidden_size), self.param_dtype)

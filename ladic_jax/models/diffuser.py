@@ -99,6 +99,7 @@ class DiffuserConfig:
       num_timesteps: T, the rows of the `table_ln` time table.
       exact_gelu: erf GELU (BERT) rather than the tanh approximation.
       time_freq_dim: number of sinusoidal features fed to the `mlp` time embedding.
+      position_init_std: standard deviation of the initial position embeddings (BERT: 0.02).
     """
 
     latent_dim: int
@@ -118,6 +119,7 @@ class DiffuserConfig:
     output_mode: str = "project"
     exact_gelu: bool = True
     time_freq_dim: int = 256
+    position_init_std: float = 0.02
 
     def __post_init__(self):
         for name in ("latent_dim", "width", "depth", "num_heads", "mlp_dim", "max_len", "cond_dim",
@@ -304,7 +306,8 @@ class Diffuser(nn.Module):
         if c.input_mode == "project":
             self.input_proj = dense(c.width, name="input_proj")
         self.position_embeddings = self.param(
-            "position_embeddings", nn.initializers.normal(0.02), (c.max_len, c.width), self.param_dtype
+            "position_embeddings", nn.initializers.normal(c.position_init_std), (c.max_len, c.width),
+            self.param_dtype
         )
         if c.time_embed == "mlp":
             self.time_mlp_in = dense(c.width, name="time_mlp_in")

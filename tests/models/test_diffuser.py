@@ -357,3 +357,16 @@ def test_config_and_input_errors():
         model.apply(params, x_t, t.astype(jnp.float32), sc, img)
     with pytest.raises(ValueError, match="self_cond shape"):
         model.apply(params, x_t, t, sc[:, :3], img)
+
+
+@pytest.mark.parametrize("std", [0.02, 1.0])
+def test_position_init_std_sets_the_initial_spread(std):
+    """The position embeddings start as N(0, std²): the sample std of the 64x128 table is within 3%."""
+    cfg = DiffuserConfig(latent_dim=D, width=128, depth=1, num_heads=4, mlp_dim=64, max_len=64, cond_dim=COND,
+                         position_init_std=std)
+    model = Diffuser(cfg)
+    x_t, t, sc, img = make_inputs()
+    table = np.asarray(jax.jit(model.init)(jax.random.key(0), x_t, t, sc, img)["params"]["position_embeddings"])
+    assert table.shape == (64, 128)
+    assert abs(table.std() / std - 1.0) < 0.03, table.std()
+    assert abs(table.mean()) < 0.05 * std
