@@ -38,8 +38,13 @@ def get_config(arg=None):
         image=dict(pretrained=None, kind="vit", config=dict(
             image_size=64, patch_size=8, hidden_size=128, num_layers=3, num_heads=4,
             intermediate_size=512, hidden_act="gelu", layer_norm_eps=1e-6, pre_norm=False,
-            patch_bias=True, norm_all_tokens=True, stem="patch")),
-        diffuser=dict(preset="tiny", overrides={}),
+            patch_bias=True, norm_all_tokens=True, stem="conv")),
+        # Position embeddings drawn at std 1 (not 0.02): the projected noisy input is O(1) per channel and
+        # drowns 0.02-scale positions, so at high t the model could not tell its 32 slots apart. Dropout off:
+        # 700 steps over 10k images do not overfit. Measured at 700 steps on 200 test images, 5 steps:
+        # BLEU-4 0.00 -> 0.155 (positions) -> 0.187 (+ conv stem, no dropout); see README.
+        diffuser=dict(preset="tiny", overrides=dict(position_init_std=1.0, dropout=0.0,
+                                                    attention_dropout=0.0)),
         special_latent="period", latent_loss="l2", ce_weight=0.2, self_cond_prob=0.5, uncond_prob=0.1,
         stats_batches=20, dedup_consecutive=False,
         # The shapes captions use ~45 words: score only those (a CPU-speed measure; COCO uses the full head).

@@ -1,6 +1,7 @@
 """Shared helpers for the encoder parity tests: a `parity` checker that records every measured max |diff|.
 
-Each comparison prints a `PARITY` line (visible with `pytest -s`) and the whole table is printed in the terminal
+Each comparison prints a `PARITY` line (visible with `pytest -s`) and is attached to its test's report
+(`user_properties`, which pytest-xdist carries back from its workers); the whole table is printed in the terminal
 summary, so the numbers reported for the encoders come straight from the test run.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-_MEASURED: list[tuple[str, str, float, float]] = []
+_PROPERTY = "parity"
 
 
 def max_abs_diff(ours, reference, mask=None) -> float:
@@ -25,7 +26,7 @@ def max_abs_diff(ours, reference, mask=None) -> float:
 
 
 @pytest.fixture
-def parity():
+def parity(request):
     """check(model, quantity, ours, reference, bound, mask=None, relative=False) -> measured value.
 
     Asserts max |ours - reference| <= bound, or with `relative=True` max |ours - reference| / max |reference| <=
@@ -39,7 +40,7 @@ def parity():
             scale = max_abs_diff(np.zeros_like(np.asarray(reference, np.float64)), reference, mask)
             diff, what = diff / scale, "max|diff|/max|ref|"
         label = f"{model} [{what}]"
-        _MEASURED.append((label, quantity, diff, bound))
+        request.node.user_properties.append((_PROPERTY, (label, quantity, diff, bound)))
         print(f"PARITY {label:54s} {quantity:30s} {diff:.3e}  (bound {bound:.0e})")
         assert diff <= bound, f"{model} {quantity}: {what} {diff:.3e} > {bound:.0e}"
         return diff
@@ -48,11 +49,14 @@ def parity():
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not _MEASURED:
+    measured = [value for reports in terminalreporter.stats.values() for report in reports
+                if getattr(report, "when", None) == "call"
+                for name, value in getattr(report, "user_properties", ()) if name == _PROPERTY]
+    if not measured:
         return
     terminalreporter.section("encoder parity vs HF PyTorch (worst over the compared outputs)")
     worst: dict[tuple[str, float], float] = {}
-    for model, quantity, diff, bound in _MEASURED:
+    for model, quantity, diff, bound in measured:
         key = (model, bound)
         worst[key] = max(worst.get(key, 0.0), diff)
     for (model, bound), diff in sorted(worst.items()):

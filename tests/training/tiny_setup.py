@@ -23,7 +23,7 @@ def make_tiny_config(data_dir: str, overrides: list[str] = ()):
                                      intermediate_size=64, max_position_embeddings=64)
         cfg.model.text.split_layer = 1
         cfg.model.image.config.update(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                                      patch_size=16)
+                                      patch_size=16, stem="patch")
         cfg.model.diffuser.overrides = dict(width=64, depth=2, num_heads=2, mlp_dim=128, dropout=0.0,
                                             attention_dropout=0.0)
         cfg.model.stats_batches = 2
