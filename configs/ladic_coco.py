@@ -43,7 +43,9 @@ def get_config(arg=None):
         dataset="coco_captions/2014", data_dir=None, train_split="train+restval", eval_split="test",
         image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, max_length=24,
         tokenizer="bert-base-uncased", random_resized_crop=True, crop_scale=(0.5, 1.0), flip=True,
-        shuffle_buffer=20000, batch_size=512, eval_batch_size=500, seed=0, train_captions="sample")
+        # eval_batch_size: a power of two, so that it splits over any slice of up to 512 chips (500
+        # split over neither 8 nor 16 chips: scripts/aot_check.py); the last batch is padded and masked.
+        shuffle_buffer=20000, batch_size=512, eval_batch_size=512, seed=0, train_captions="sample")
 
     c.model = dict(
         # The architectures are spelled out (BERT-base uncased; BLIP ViT-B/16 at 224 px, 197 tokens) so
