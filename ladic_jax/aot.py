@@ -277,9 +277,10 @@ def _batch_problem(field: str, batch_size: int, mesh, topology: str) -> str | No
     n = sharding.data_parallel_size(mesh)
     if batch_size % n == 0:
         return None
+    nearest = sorted({max(n, batch_size // n * n), -(-batch_size // n) * n})
     return (f"config.input.{field}={batch_size} does not split over the {n} data-parallel devices of "
             f"{topology} (mesh {dict(mesh.shape)}); the run would fail the same way: use a multiple of {n}, "
-            f"e.g. {max(n, batch_size // n * n)} or {-(-batch_size // n) * n}")
+            f"e.g. {' or '.join(map(str, nearest))}")
 
 
 def _too_big_to_compile(fit: ProgramFit, held: int, what: str) -> bool:
