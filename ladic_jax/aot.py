@@ -105,6 +105,9 @@ def topology_devices(topology: str) -> tuple[Chip, list[jax.Device]]:
     if not libtpu_available():
         raise AotError(f"topology {topology!r}: libtpu is not installed; install the tpu extra: "
                        "pip install 'ladic_jax[tpu]' (jax[tpu] at the installed jax's version)")
+    # libtpu takes /tmp/libtpu_lockfile when it loads, so that two processes never drive the same chips;
+    # compiling opens no chip, so two checks (or a check beside a test run) may load it at once.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     kwargs: dict[str, Any] = {"chip_config_name": chip.chip_config}
@@ -118,6 +121,11 @@ def topology_devices(topology: str) -> tuple[Chip, list[jax.Device]]:
             desc = topologies.get_topology_desc(topology_name=topology.strip(), platform="tpu", **kwargs)
     except Exception as e:  # libtpu reports bad layouts as JaxRuntimeError INVALID_ARGUMENT
         extra = f" (libtpu printed: {said[0].strip()})" if said and said[0].strip() else ""
+        if "lockfile" in str(e):
+            raise AotError(f"topology {topology!r}: another process holds libtpu's lock file "
+                           f"(/tmp/libtpu_lockfile) and ALLOW_MULTIPLE_LIBTPU_LOAD="
+                           f"{os.environ.get('ALLOW_MULTIPLE_LIBTPU_LOAD')!r} forbids a second load: "
+                           "unset it or wait for that process") from e
         raise AotError(f"topology {topology!r}: libtpu cannot describe it: {e}{extra}") from e
     return chip, list(desc.devices)
 

@@ -16,6 +16,16 @@ import sys
 from ladic_jax.cli import common
 
 EPILOG = """\
+Examples:
+  scripts/aot_check.py --config configs/ladic_coco.py --topology v5e:4x4
+  scripts/aot_check.py --config configs/ladic_coco.py --topology v4:2x2x2,v5p:2x2x1 --json fit.json
+  scripts/aot_check.py --config configs/ladic_coco.py --topology v5e:2x2 --programs sampler \\
+      --config.input.eval_batch_size=256 --config.sampler.steps=5
+
+Needs libtpu (the tpu extra: pip install -e '.[tpu]'; scripts/setup_env.sh installs it). Nothing is
+downloaded: pretrained parts need their sizes spelled out in the config (configs/ladic_coco.py does)
+unless their config.json is on this machine. The paper config takes some minutes per topology here.
+
 Topologies are GENERATION:AxB (v5e, v6e) or GENERATION:AxBxC (v4, v5p), in chips, as libtpu names
 them: v5e:2x2 (4 chips), v5e:4x4 (16), v4:2x2x2 (8), v5p:2x2x1 (4), v6e:2x2 (4). v4 and v5p chips
 are one device each (megacore), as JAX shows them on a TPU VM.
@@ -24,7 +34,8 @@ Each program is compiled with its real shardings (the config's mesh over the top
 memory is per chip (arguments, outputs, temporaries, generated code; donated buffers counted once)
 against what XLA lets one program use on that chip. The sampler row adds the optimizer state when
 the config evaluates inside training. Flops are XLA's count per chip (the sampler's denoising loop
-counted at its full number of steps).
+counted at its full number of steps), for all chips and per example. A config that splits its
+batch over a number of chips that does not divide it is reported as not fitting, with the field.
 
 Exit status: 0 every program fits; 1 something does not fit (the last line says what, where and by
 how much); 2 bad arguments, config or topology.
