@@ -43,11 +43,21 @@ def get_config(arg=None):
         dataset="coco_captions/2014", data_dir=None, train_split="train+restval", eval_split="test",
         image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, max_length=24,
         tokenizer="bert-base-uncased", random_resized_crop=True, crop_scale=(0.5, 1.0), flip=True,
-        shuffle_buffer=20000, batch_size=512, eval_batch_size=500, seed=0, train_captions="sample")
+        # eval_batch_size: a power of two, so that it splits over any slice of up to 512 chips (500
+        # split over neither 8 nor 16 chips: scripts/aot_check.py); the last batch is padded and masked.
+        shuffle_buffer=20000, batch_size=512, eval_batch_size=512, seed=0, train_captions="sample")
 
     c.model = dict(
-        text=dict(pretrained="bert-base-uncased", split_layer=6),
-        image=dict(pretrained="Salesforce/blip-image-captioning-base", kind="blip_vision", subtree=""),
+        # The architectures are spelled out (BERT-base uncased; BLIP ViT-B/16 at 224 px, 197 tokens) so
+        # that the model can be built without the checkpoints (scripts/aot_check.py); the checkpoints'
+        # config.json must agree with them when the weights are loaded.
+        text=dict(pretrained="bert-base-uncased", split_layer=6, config=dict(
+            vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+            max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu")),
+        image=dict(pretrained="Salesforce/blip-image-captioning-base", kind="blip_vision", subtree="",
+                   config=dict(image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12,
+                               intermediate_size=3072, hidden_act="gelu", layer_norm_eps=1e-5,
+                               pre_norm=False, patch_bias=True, norm_all_tokens=True)),
         diffuser=dict(preset="base", overrides={}),
         special_latent="zero", latent_loss="l2", ce_weight=0.2, self_cond_prob=0.5, uncond_prob=0.1,
         stats_batches=50, dedup_consecutive=False, vocab="full", max_vocab=0)

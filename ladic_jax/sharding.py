@@ -141,9 +141,10 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 
 @config_lib.register_validator("mesh")
-def validate_mesh(config) -> None:
+def validate_mesh(config, num_devices: int | None = None) -> None:
+    """Checks config.mesh against num_devices (default: all of JAX's) and config.sharding_rules."""
     try:
-        mesh_shape(config.mesh, jax.device_count())
+        mesh_shape(config.mesh, jax.device_count() if num_devices is None else num_devices)
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
     for i, entry in enumerate(config.get("sharding_rules", [])):

@@ -18,7 +18,7 @@ import math
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -109,10 +109,14 @@ class Skeleton:
     state_shardings: Any
 
 
-def skeleton(config) -> Skeleton:
-    config_lib.validate(config)
+def skeleton(config, devices: Sequence[jax.Device] | None = None) -> Skeleton:
+    """The run's skeleton on a mesh over ``devices`` (default: all of ``jax.devices()``; ``ladic_jax.aot``
+    passes the compile-only devices of a TPU topology)."""
+    devices = jax.devices() if devices is None else list(devices)
+    config_lib.validate(config, exclude=("mesh",))
+    sharding.validate_mesh(config, len(devices))
     family = get_family(config)
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     steps = total_steps(config)
     rules = [tuple(r) for r in config.sharding_rules]
     init_fn = lambda r: family.init(r, dummy_batch(config))  # noqa: E731

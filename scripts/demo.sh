@@ -9,6 +9,9 @@ set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$repo/scripts/setup_env.sh"
 cd "$repo"
+# The demo is sized for a CPU. With the tpu extra installed, JAX would otherwise look for a TPU in every
+# command (and libtpu warn that it finds none); JAX_PLATFORMS=tpu scripts/demo.sh uses one.
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 data="${DATA_DIR:-$repo/data}"
 workdir="${WORKDIR:-$repo/runs/demo}"
 t0=$(date +%s)

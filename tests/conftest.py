@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pytest
-import tensorflow_datasets as tfds
+# The suite runs on the CPU. With libtpu installed (the tpu extra, for tests/test_aot.py, which gets its
+# TPU devices from libtpu's topology description instead) JAX would otherwise probe for a TPU in every
+# process it starts, and log libtpu's warnings. Set before anything imports JAX; subprocesses inherit it.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import tensorflow_datasets as tfds  # noqa: E402
 
 
 def _encoded_as_arrays(value):

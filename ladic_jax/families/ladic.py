@@ -16,8 +16,10 @@ Loss: ``L_latent + λ CE(mlm_head(upper(x̂0 · std + mean)), targets)``.
 
 Config (``config.model``):
   text.pretrained: "minilm" (the packaged MiniLM-L6), a local HF directory or hub id, or None (random
-    init from ``text.config``); text.split_layer; special_latent: "zero" | "period" | "period_raw";
-  image: the ViT (``image.pretrained`` like text, or ``image.config`` for training from scratch);
+    init from ``text.config``); text.config: the sizes, optional beside ``pretrained`` (then the
+    checkpoint's config.json must agree, and the model can be built without the checkpoint at hand);
+    text.split_layer; special_latent: "zero" | "period" | "period_raw";
+  image: the ViT (``image.pretrained`` and ``image.config`` like text; ``config`` alone trains from scratch);
   diffuser: preset name + overrides; latent_loss: "l2" (mean over tokens of the L2 norm, as the
   release) | "mse"; ce_weight (λ); self_cond_prob; uncond_prob; stats_batches;
   latent_std_eps (normalisation divides by std + eps; the release: 0); null_condition: "learned" (a
@@ -38,6 +40,7 @@ prediction, clean, and the update then noises them to the next timestep like the
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from typing import Any, Iterator
@@ -141,16 +144,28 @@ def _hf_config(name: str, subtree: str | None = None) -> dict:
     return cfg.get(subtree, cfg) if subtree else cfg
 
 
+# A part's architecture: its ``config`` sizes when given (then a pretrained checkpoint must agree with
+# them, checked in ``load_pretrained``), else the pretrained checkpoint's config.json. Spelled-out sizes
+# let a config be built without its checkpoints at hand (ahead-of-time compilation, resuming elsewhere).
 def _text_config(text_cfg) -> bert_lib.BertConfig:
-    if text_cfg.get("pretrained"):
+    if text_cfg.get("pretrained") and not text_cfg.get("config"):
         return bert_lib.BertConfig.from_hf(_hf_config(text_cfg.pretrained))
     return bert_lib.BertConfig(**text_cfg.config.to_dict())
 
 
 def _image_config(image_cfg) -> vit_lib.ViTConfig:
-    if image_cfg.get("pretrained"):
+    if image_cfg.get("pretrained") and not image_cfg.get("config"):
         return vit_lib.ViTConfig.from_hf(_hf_config(image_cfg.pretrained, "vision_config"))
     return vit_lib.ViTConfig(**image_cfg.config.to_dict())
+
+
+def _check_architecture(part: str, declared, loaded, source: str) -> None:
+    """Raises if the sizes in config.model.<part>.config differ from those of the checkpoint's config.json."""
+    if declared == loaded:
+        return
+    diff = [f"{f.name}: {getattr(declared, f.name)!r} in the config, {getattr(loaded, f.name)!r} in the checkpoint"
+            for f in dataclasses.fields(declared) if getattr(declared, f.name) != getattr(loaded, f.name)]
+    raise ValueError(f"config.model.{part}.config disagrees with the config.json of {source}: {'; '.join(diff)}")
 
 
 @base.register
@@ -298,6 +313,9 @@ class Ladic(base.Family):
             kind = "bert" if part == "text" else cfg.kind
             pre = loading.load_pretrained(cfg.pretrained, kind,
                                           subtree=cfg.get("subtree") or None)
+            if cfg.get("config"):
+                _check_architecture(part, self.text_config if part == "text" else self.image_config,
+                                    pre.config, cfg.pretrained)
             flat = jax.tree_util.tree_flatten_with_path(pre.params)[0]
             out.update({f"{part}/{path_str(p)}": np.asarray(v) for p, v in flat})
             notes.append(f"{part}: loaded {len(flat)} tensors from {cfg.pretrained}"
