@@ -25,6 +25,7 @@ configs/ladic_official.py is the release's model as a whole (what `ladic-convert
 import ml_collections
 
 from ladic_jax.config import parse_arg
+from ladic_jax.distributed import config_section as distributed_section
 
 FROZEN_TEXT = r"^text/(embeddings|layers_\d+)/"   # BERT frozen but its MLM head
 FROZEN_IMAGE = r"^image/"                          # the BLIP ViT is frozen
@@ -74,6 +75,7 @@ def get_config(arg=None):
                    b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
                    frozen=[FROZEN_TEXT, FROZEN_IMAGE, r"^latent_(mean|std)$"])
     c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
+    c.distributed = distributed_section()  # multi-process runs: see ladic_jax/distributed.py
     c.sharding_rules = [(r"(kernel|embedding)$", "fsdp"), (r".*", "replicate")]
 
     c.log_every = 100

@@ -32,6 +32,7 @@ test), ``steps=N`` (training steps when fine-tuning the converted model).
 import ml_collections
 
 from ladic_jax.config import parse_arg
+from ladic_jax.distributed import config_section as distributed_section
 
 FROZEN_TEXT = r"^text/(embeddings|layers_\d+)/"   # the space encoder; its MLM head trains
 FROZEN_IMAGE = r"^image/"
@@ -76,6 +77,7 @@ def get_config(arg=None):
                    b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
                    frozen=[FROZEN_TEXT, FROZEN_IMAGE, r"^latent_(mean|std)$", r"^diffuser/null_condition$"])
     c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
+    c.distributed = distributed_section()  # multi-process runs: see ladic_jax/distributed.py
     c.sharding_rules = [(r"(kernel|embedding)$", "fsdp"), (r".*", "replicate")]
 
     c.log_every = 100

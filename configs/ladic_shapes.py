@@ -14,6 +14,7 @@ Variants: ``runlocal`` (a few steps, tiny eval: a smoke test), ``steps=N`` (trai
 import ml_collections
 
 from ladic_jax.config import parse_arg
+from ladic_jax.distributed import config_section as distributed_section
 
 
 FROZEN_TEXT = r"^text/(embeddings|layers_\d+)/"  # the split BERT but its MLM head (the paper)
@@ -65,6 +66,7 @@ def get_config(arg=None):
                    b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
                    frozen=[FROZEN_TEXT, r"^(latent_(mean|std)|vocab_ids)$"])
     c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
+    c.distributed = distributed_section()  # multi-process runs: see ladic_jax/distributed.py
     c.sharding_rules = [(r"(kernel|embedding)$", "fsdp"), (r".*", "replicate")]
 
     c.log_every = 50

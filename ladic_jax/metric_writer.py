@@ -21,7 +21,10 @@ class MetricWriter:
         if not self.active:
             return
         os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        path = os.path.join(workdir, "metrics.jsonl")
+        self._jsonl = open(path, "a", buffering=1)
+        if self._jsonl.tell() and not _ends_with_newline(path):  # a run killed mid-line: start afresh
+            self._jsonl.write("\n")
         if tensorboard:
             from flax.metrics import tensorboard as tb  # imports TF lazily
             self._tb = tb.SummaryWriter(os.path.join(workdir, "tb"))
@@ -42,6 +45,12 @@ class MetricWriter:
             self._jsonl.close()
         if self._tb:
             self._tb.close()
+
+
+def _ends_with_newline(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def _jsonable(v):

@@ -132,12 +132,27 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Forms global jax.Arrays from each process's local share of a batch (numeric fields only)."""
+    """Forms global jax.Arrays from each process's local share of a batch (numeric fields only).
+
+    With several processes, process p's rows land on its own devices and the global batch is the
+    processes' local batches one after the other (the mesh orders devices by process).
+    """
     out = {}
     for k, v in local.items():
         if isinstance(v, np.ndarray) and v.dtype != object:
             out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, v.ndim), v)
     return out
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array as numpy, on every process.
+
+    Arrays spanning other processes' devices are gathered (a collective: every process must call this).
+    """
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 @config_lib.register_validator("mesh")

@@ -6,8 +6,10 @@ Order of events:
   checkpoint, or else pretrained weights + data-dependent set-up (family.prepare) -> loop of jitted,
   donated train steps with logging, checkpoints, periodic evaluation -> final checkpoint + evaluation.
 
-Stops cleanly on SIGTERM/SIGINT (checkpoint at the next step boundary, exit status 0) and refuses to
-continue past a non-finite loss or gradient norm, keeping the last good checkpoint intact.
+Stops cleanly on SIGTERM/SIGINT (checkpoint at the next step boundary, the same step on every
+process, exit status 0); refuses to continue past a non-finite loss or gradient norm, keeping the last
+good checkpoint intact; and stops with a CheckpointError naming the path when a checkpoint cannot be
+written (e.g. disk full) rather than train on without checkpoints.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import optax
 
 from ladic_jax import checkpoint as ckpt_lib
 from ladic_jax import config as config_lib
+from ladic_jax import distributed
 from ladic_jax import optim
 from ladic_jax import sharding
 from ladic_jax.data import pipeline
@@ -160,9 +163,9 @@ def fresh_state(sk: Skeleton, config) -> tuple[dict, list[str]]:
     stats, prep_notes = sk.family.prepare(params, batches)
     params = _merge(params, stats, p_shard, "data statistics")
     opt_state = jax.jit(sk.tx.init, out_shardings=sk.state_shardings["opt_state"])(params)
-    rep = sk.state_shardings["step"]
-    state = {"step": jax.device_put(jnp.int32(0), rep), "params": params, "opt_state": opt_state,
-             "rng": jax.device_put(state_rng, rep)}
+    # Placed by jit, not device_put: in a multi-process run the sharding spans other processes' devices.
+    step0, state_rng = jax.jit(lambda r: (jnp.int32(0), r), out_shardings=sk.state_shardings["step"])(state_rng)
+    state = {"step": step0, "params": params, "opt_state": opt_state, "rng": state_rng}
     return state, notes + prep_notes
 
 
@@ -184,14 +187,33 @@ def make_train_step(family: Family, tx: optax.GradientTransformation, schedule, 
 
 
 class _StopRequest:
-    """Turns SIGTERM/SIGINT into a flag checked at step boundaries."""
+    """Turns SIGTERM/SIGINT into a stop at a step boundary (``requested(step)``), the same on all processes.
+
+    One process: a Python handler sets a flag. Several: JAX's preemption service (started by
+    ``jax.distributed.initialize``) owns SIGTERM and makes the processes agree on a step
+    (``reached_preemption_sync_point``); a SIGINT is passed on to it as a SIGTERM. With that service
+    switched off (``jax_enable_preemption_service``), the processes exchange their flags every step.
+    """
 
     def __init__(self):
         self.signal: int | None = None
         self._old = {}
+        self._multi = jax.process_count() > 1
+        self._sync = self._multi and jax.config.jax_enable_preemption_service
+
+    def requested(self, step: int) -> bool:
+        if not self._multi:
+            return self.signal is not None
+        from jax.experimental import multihost_utils
+        if self._sync:
+            if multihost_utils.reached_preemption_sync_point(step):
+                print(f"[train] preemption notice: every process stops at step {step}", flush=True)
+                return True
+            return False
+        return bool(np.max(multihost_utils.process_allgather(np.int32(self.signal is not None))))
 
     def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGINT,) if self._sync else (signal.SIGTERM, signal.SIGINT):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: no signal handling
@@ -204,6 +226,8 @@ class _StopRequest:
         self.signal = signum
         print(f"[train] received {signal.Signals(signum).name}: saving a checkpoint at the next step",
               flush=True)
+        if self._sync:
+            os.kill(os.getpid(), signal.SIGTERM)  # to JAX's preemption notifier, which tells the others
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -211,7 +235,12 @@ class _StopRequest:
 
 
 def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
-    """Trains (resuming if the workdir has a checkpoint) and evaluates. Returns the last metrics."""
+    """Trains (resuming if the workdir has a checkpoint) and evaluates. Returns the last metrics.
+
+    A multi-process run (config.distributed or the environment, see ``ladic_jax.distributed``) is
+    initialised here unless the entry point did it already, as ladic-train does before any other JAX use.
+    """
+    distributed.initialize(config)
     os.makedirs(workdir, exist_ok=True)
     s = skeleton(config)
     found = restore(s, workdir)
@@ -253,13 +282,14 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             if pending is not None:
                 _check_finite(pending, step - 1, checkpointer)
             pending = metrics
+            checkpointer.poll()
             if step % config.log_every == 0 or step == s.total_steps:
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 _check_finite(m, step, checkpointer)
                 m.update(progress.update(step, m))
                 writer.write(step, m, prefix="train/")
                 last.update(m)
-            if stop.signal is not None:
+            if stop.requested(step):
                 _check_finite(jax.device_get(metrics), step, checkpointer)
                 save(step)
                 checkpointer.wait()

@@ -35,13 +35,14 @@ def main(argv=None) -> None:
     if args.back_refine:
         overrides.append("sampler.back_refine.enabled=true")
     common.setup_logging()
+    from ladic_jax.checkpoint import CheckpointError
     from ladic_jax.evaluation import offline
     try:
         sweep = offline.parse_sweep(args.sweep) if args.sweep else None
         offline.evaluate_run(args.workdir, steps=args.step, sampling_steps=args.sampling_steps,
                              guidance=args.guidance, mbr=args.mbr, sweep=sweep, trajectory=args.trajectory,
                              limit=args.limit, force=args.force, overrides=overrides)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, CheckpointError) as e:
         common.fail(str(e))
 
 if __name__ == "__main__":

@@ -63,10 +63,7 @@ def mbr_sample(sample: Callable[[jax.Array], Any], rng: jax.Array, n: int,
     return [texts[c][i] for i, c in enumerate(chosen)], chosen, outputs, texts
 
 
-def _to_numpy(x: jax.Array) -> np.ndarray:
-    if jax.process_count() == 1:
-        return np.asarray(jax.device_get(x))
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+_to_numpy = sharding.to_host
 
 
 class Evaluator:

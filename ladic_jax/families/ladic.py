@@ -59,7 +59,7 @@ from ladic_jax.encoders import vit as vit_lib
 from ladic_jax.encoders import loading
 from ladic_jax.families import base
 from ladic_jax.models.diffuser import Diffuser, DiffuserConfig
-from ladic_jax.sharding import path_str
+from ladic_jax.sharding import path_str, to_host
 
 _STD_EPS = 1e-5
 
@@ -343,7 +343,7 @@ class Ladic(base.Family):
                 a, b, c = moments(params, batch["tokens"], batch["token_mask"])
                 s1, s2, n = s1 + np.asarray(a, np.float64), s2 + np.asarray(b, np.float64), n + float(c)
             if self.vocab_size:
-                seen.update(np.unique(np.asarray(jax.device_get(batch["tokens"]))).tolist())
+                seen.update(np.unique(to_host(batch["tokens"])).tolist())  # all processes' rows
         if n == 0:
             raise ValueError("latent statistics: no caption tokens seen in the training data")
         mean = s1 / n

@@ -18,3 +18,9 @@ def tiny_data_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_config(tiny_data_dir):
     return lambda *overrides: make_tiny_config(tiny_data_dir, overrides)
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """A persistent JAX compilation cache for the training processes the tests launch."""
+    return str(tmp_path_factory.mktemp("jax_cache"))
