@@ -291,6 +291,10 @@ def validate(config: ml_collections.ConfigDict, exclude: Sequence[str] = ()) -> 
 # --------------------------------------------------------------------------- the input section
 
 
+# Pixel limit of a decoded image: 4096 x 4096 RGB is 48 MiB as uint8, 192 MiB as float32.
+DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+
+
 def input_config(**overrides: Any) -> ml_collections.ConfigDict:
     """The `config.input` section with its defaults (for the synthetic dataset), updated by `overrides`.
 
@@ -300,7 +304,8 @@ def input_config(**overrides: Any) -> ml_collections.ConfigDict:
     fraction range), flip (mirror half the training images and swap left/right in their
     captions), shuffle_buffer (records; 0 = no shuffle), batch_size and eval_batch_size (global),
     seed, train_captions ("sample": one reference drawn per image per epoch; "first": always the
-    first reference).
+    first reference), max_image_pixels (images declaring more pixels are decoded smaller or skipped;
+    the rules in `ladic_jax.data.bad_records`; optional, `DEFAULT_MAX_IMAGE_PIXELS` when absent).
     """
     cfg = ml_collections.ConfigDict({
         "dataset": "shapes_captions/default",
@@ -320,6 +325,7 @@ def input_config(**overrides: Any) -> ml_collections.ConfigDict:
         "eval_batch_size": 64,
         "seed": 0,
         "train_captions": "sample",
+        "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
     })
     unknown = sorted(set(overrides) - set(cfg.keys()))
     if unknown:
@@ -389,6 +395,9 @@ def validate_input(input_cfg: ml_collections.ConfigDict, *, process_count: int |
     check(_int(c.seed) and 0 <= c.seed < 2**63, f("seed"), f"must be an integer in [0, 2**63), got {c.seed!r}")
     check(c.train_captions in ("sample", "first"), f("train_captions"),
           f"must be 'sample' (one reference drawn per image per epoch) or 'first', got {c.train_captions!r}")
+    if "max_image_pixels" in c:  # Optional: configs saved before it existed take the default.
+        check(_int(c.max_image_pixels) and c.max_image_pixels > 0, f("max_image_pixels"),
+              f"must be a positive integer (pixels), got {c.max_image_pixels!r}")
     return input_cfg
 
 

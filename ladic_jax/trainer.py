@@ -288,6 +288,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 _check_finite(m, step, checkpointer)
                 m.update(progress.update(step, m))
                 writer.write(step, m, prefix="train/")
+                _log_bad_records(writer, step, batches.pop_counts())
                 last.update(m)
             if stop.requested(step):
                 _check_finite(jax.device_get(metrics), step, checkpointer)
@@ -310,6 +311,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     evaluator.close()
     writer.close()
     return last
+
+
+def _log_bad_records(writer: MetricWriter, step: int, counts: dict[str, int]) -> None:
+    """What the input pipeline's bad-record rules did since the last log step, as data/<count>."""
+    writer.write(step, counts, prefix="data/")
+    skipped = {k[len("skipped_"):]: v for k, v in counts.items() if k.startswith("skipped_") and v}
+    if skipped and jax.process_index() == 0:
+        print(f"[data] step {step}: skipped {sum(skipped.values())} of {counts['examples']} records ("
+              + ", ".join(f"{k} {v}" for k, v in skipped.items()) + ")", flush=True)
 
 
 def _check_finite(metrics, step: int, checkpointer) -> None:

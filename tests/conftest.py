@@ -42,3 +42,13 @@ def mock_coco(tmp_path, monkeypatch):
     with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_FILES,
                                 data_dir=str(tmp_path)):
         yield str(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def bad_data_dir(tmp_path_factory):
+    """The dataset of bad records of tests/bad_dataset.py, built once."""
+    import bad_dataset
+
+    d = str(tmp_path_factory.mktemp("bad_tfds"))
+    bad_dataset.LadicBadCaptions(data_dir=d).download_and_prepare()
+    return d

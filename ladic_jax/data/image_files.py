@@ -41,6 +41,28 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
 
 
+def to_rgb(im: Image.Image) -> tuple[np.ndarray, tuple[str, ...]]:
+    """uint8 (H, W, 3) of an opened image's current frame, and the conversions that took (in order):
+    "16bit" (16/32-bit integer and float samples scaled to 8 bits), "grayscale" (replicated to RGB),
+    "palette" (looked up), "alpha" (transparency composited on white), "cmyk" (inks converted)."""
+    done = []
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        im = _to_8bit(im)
+        done.append("16bit")
+    if im.mode in ("1", "L", "LA", "La"):
+        done.append("grayscale")
+    if im.mode in ("P", "PA"):
+        done.append("palette")
+    if im.mode == "CMYK":
+        done.append("cmyk")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, rgba)
+        done.append("alpha")
+    return np.asarray(im.convert("RGB"), dtype=np.uint8), tuple(done)
+
+
 def read_rgb(path: str) -> np.ndarray:
     """uint8 (H, W, 3): first frame of animations, EXIF orientation applied, any mode converted to RGB
     (transparency composited on white, CMYK and palettes converted, 16-bit grayscale scaled)."""
@@ -53,14 +75,7 @@ def read_rgb(path: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im.seek(0)
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
-                im = _to_8bit(im)
-            if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(bg, rgba)
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            return to_rgb(ImageOps.exif_transpose(im))[0]
     except UnidentifiedImageError:
         raise ImageReadError(f"{path}: not a recognised image format") from None
     except Image.DecompressionBombError as e:

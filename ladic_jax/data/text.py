@@ -3,6 +3,7 @@
 Every caption that enters training or evaluation goes through `normalize_caption` first, so the
 model, the references and the metrics all see one spelling of the text:
 
+* bytes are read as UTF-8, an invalid sequence as U+FFFD (so it ends up a space);
 * Unicode NFKC, then lower-case;
 * curly quotes and backticks become a plain apostrophe; an apostrophe is kept only between two
   letters or digits (possessives and contractions: "man's", "don't"), every other one is dropped;
@@ -53,7 +54,7 @@ _LEFT_RIGHT_WORD = re.compile(r"\b(" + "|".join(_LEFT_RIGHT) + r")\b")
 def normalize_caption(text: str | bytes) -> str:
     """Returns the canonical form of a caption (see the module docstring for the rules)."""
     if isinstance(text, bytes):
-        text = text.decode("utf-8")
+        text = text.decode("utf-8", errors="replace")  # U+FFFD is a symbol: it becomes a space.
     if not isinstance(text, str):
         raise TypeError(f"caption must be str or bytes, got {type(text).__name__}: {text!r}")
     text = unicodedata.normalize("NFKC", text).lower().translate(_APOSTROPHES)

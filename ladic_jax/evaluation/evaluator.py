@@ -2,7 +2,9 @@
 
 Works for every family through the shared sampler loop. Every example is scored exactly once on any
 number of processes (the eval input pads with ``_mask``); token ids are gathered to process 0, which
-decodes, scores with pycocoevalcap and writes ``WORKDIR/eval/step_<N>.json`` plus the captions.
+decodes, scores with pycocoevalcap and writes ``WORKDIR/eval/step_<N>.json`` plus the captions. Bad
+records the input pipeline skipped are not scored: the result counts them per reason (``data/...``,
+as in training) and lists them by id (``skipped``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from jax.experimental import multihost_utils
 
 from ladic_jax import sampler as sampler_lib
 from ladic_jax import sharding
+from ladic_jax.data import bad_records
 from ladic_jax.data import pipeline
 from ladic_jax.evaluation import metrics as metrics_lib
 from ladic_jax.evaluation import report
@@ -66,6 +69,10 @@ def mbr_sample(sample: Callable[[jax.Array], Any], rng: jax.Array, n: int,
 _to_numpy = sharding.to_host
 
 
+# Skipped bad records named in the printed summary (the eval json lists all).
+_SHOWN_SKIPS = 20
+
+
 class Evaluator:
     """``Evaluator(family, config, mesh).run(params, step=..., workdir=...)`` -> metrics dict."""
 
@@ -75,6 +82,7 @@ class Evaluator:
         self.mesh = mesh
         self._sample_fns = sampler_lib.SampleFns(family, mesh)
         self._scorer = None  # one METEOR JVM for all evaluations of this evaluator
+        self.data_counts, self.skipped = bad_records.Counts(), []  # of the last caption_batches
 
     def close(self) -> None:
         if self._scorer is not None:
@@ -83,16 +91,19 @@ class Evaluator:
 
     def caption_batches(self, params, *, sampler_cfg, split=None, limit=None, rng=None, trajectory=False):
         """Yields (image_ids, captions, references, sampling seconds, extras) per evaluation batch, valid
-        examples only. ``extras`` holds one dict per image: its MBR ``candidates`` (when
+        examples only (``self.data_counts`` and ``self.skipped`` then tell what bad records were met).
+        ``extras`` holds one dict per image: its MBR ``candidates`` (when
         ``sampler_cfg.mbr`` > 1) and, with ``trajectory``, its ``latent_distance`` per loop step (mean over
         the candidates)."""
         fn = self._sample_fns(sampler_cfg, trajectory)
         rng = jax.random.key(self.config.seed + 1) if rng is None else rng
         n = int(sampler_cfg.mbr)
         it = pipeline.make_eval_iterator(self.config.input, self.family.tokenizer, split=split, limit=limit)
+        self.data_counts, self.skipped = bad_records.Counts(), []
         for i, batch in enumerate(it):
             gb = sharding.global_batch(batch, self.mesh)
             mask = _to_numpy(gb["_mask"]).astype(bool)
+            self._note_bad_records(_to_numpy(gb["image_id"]), _to_numpy(gb["_data_flags"]))
             t0 = time.perf_counter()
             out = lambda key: jax.tree.map(lambda a: _to_numpy(a)[mask], fn(params, gb, key))  # noqa: E731
             decode = lambda o: self.family.decode(o["tokens"] if trajectory else o)  # noqa: E731
@@ -110,6 +121,15 @@ class Evaluator:
                 for e, d in zip(extras, distance):
                     e["latent_distance"] = d.tolist()
             yield ids, captions, [refs[int(k)] for k in ids] if refs is not None else None, dt, extras
+
+    def _note_bad_records(self, ids: np.ndarray, flags: np.ndarray) -> None:
+        """Counts what the input pipeline did to the records (all processes'; padding has id -1)."""
+        real = ids >= 0
+        self.data_counts.add(flags[real])
+        for image_id, f in zip(ids[real], flags[real]):
+            reason = bad_records.skip_reason(int(f))
+            if reason is not None:
+                self.skipped.append({"image_id": int(image_id), "reason": reason})
 
     def _gather_references(self, batch) -> dict[int, list[str]] | None:
         local = {int(i): list(r) for i, r, m in zip(batch["image_id"], batch["references"], batch["_mask"]) if m}
@@ -145,6 +165,8 @@ class Evaluator:
                 records.append({"image_id": int(i), "caption": c, "references": r, **e})
         n = len(records)
         result: dict[str, Any] = {"num_images": n, "sampling_steps": int(sampler_cfg.steps),
+                                  **{f"data/{k}": v for k, v in self.data_counts.as_dict().items()},
+                                  "skipped": self.skipped,
                                   "guidance": float(sampler_cfg.get("guidance", 0.0)),
                                   "seconds_per_image": seconds / timed if timed > 0 else None,
                                   "sampler": sampler_cfg.to_dict()}
@@ -152,6 +174,12 @@ class Evaluator:
             result["trajectory_timesteps"] = sampler_lib.loop_timesteps(self.family, sampler_cfg).tolist()
             result["latent_distance"] = np.mean([r["latent_distance"] for r in records], axis=0).tolist()
         if jax.process_index() == 0:
+            if self.skipped:
+                shown = ", ".join(f"{r['image_id']} ({r['reason']})" for r in self.skipped[:_SHOWN_SKIPS])
+                hidden = len(self.skipped) - _SHOWN_SKIPS
+                more = f" and {hidden} more" if hidden > 0 else ""
+                print(f"[eval] {len(self.skipped)} bad records skipped, not scored: image ids {shown}{more} "
+                      f"(all in the eval json)", flush=True)
             preds = {r["image_id"]: r["caption"] for r in records}
             refs = {r["image_id"]: r["references"] for r in records}
             if self._scorer is None:

@@ -1,8 +1,10 @@
 """The trainer: resume continues with the same losses, non-finite losses stop the run with the last
-good checkpoint intact, evaluation results are written where the tools expect them."""
+good checkpoint intact, evaluation results are written where the tools expect them, bad records are
+counted in the metrics log and reported by the evaluation."""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 
@@ -10,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import bad_dataset as bd
 from ladic_jax import trainer
 from ladic_jax.evaluation import report
 from ladic_jax.families.ladic import Ladic
@@ -57,23 +60,57 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_p
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in __import__("jax").tree.leaves(state["params"]))
 
 
-def test_training_writes_eval_results_and_tensorboard(tiny_config, tmp_path):
+def _tags(tb_dir: str) -> set[str]:
+    import tensorflow as tf
+
+    tags = set()
+    for path in glob.glob(os.path.join(tb_dir, "events.out.tfevents*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+def test_training_over_bad_records_logs_their_counts_and_writes_eval_results(tiny_config, bad_data_dir,
+                                                                             tmp_path, capsys):
+    """Over the dataset of tests/bad_dataset.py: training does not stop, the per-reason counts reach
+    metrics.jsonl and TensorBoard, the evaluation skips the bad test records and reports them by id."""
     workdir = str(tmp_path / "run")
-    cfg = tiny_config("total_steps=2", "eval.at_end=True", "eval.limit=8")
+    # 3 steps of 8 = one epoch of the 24 records, logged once; then two evaluations of the test split.
+    cfg = tiny_config("total_steps=3", "log_every=3", "eval.at_end=True", "eval.limit=0", "sampler.steps=2")
     with cfg.unlocked():
+        cfg.input.update(dataset="ladic_bad_captions", data_dir=bad_data_dir, image_size=bd.SIZE,
+                         max_image_pixels=bd.MAX_PIXELS, batch_size=8, eval_batch_size=8)
+        cfg.model.image.config.image_size = bd.SIZE
         cfg.eval.sampling_steps = (2, 3)
-        cfg.sampler.steps = 2
     trainer.train_and_evaluate(cfg, workdir)
-    main = json.loads(report.metrics_path(workdir, 2).read_text())
+
+    kept, bad = bd.kept_ids(bd.TEST_BASE), {bd.TEST_BASE + k: c[3] for k, c in enumerate(bd.CASES) if c[3]}
+    main = json.loads(report.metrics_path(workdir, 3).read_text())
     for key in ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "meteor", "rouge_l", "cider", "spice", "num_images",
                 "sampling_steps", "seconds_per_image"):
         assert key in main, key
-    assert main["num_images"] == 8 and main["sampling_steps"] == 2
-    other = json.loads(report.metrics_path(workdir, 2, tag="_s3").read_text())
-    assert other["sampling_steps"] == 3
-    assert len(report.read_captions(workdir, 2)) == 8
-    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tb")))
+    assert main["num_images"] == len(kept) and main["sampling_steps"] == 2
+    assert {r["image_id"]: r["reason"] for r in main["skipped"]} == bad
+    assert {r["image_id"] for r in report.read_captions(workdir, 3)} == kept
+    other = json.loads(report.metrics_path(workdir, 3, tag="_s3").read_text())
+    assert other["sampling_steps"] == 3 and other["num_images"] == len(kept)
     assert os.path.exists(os.path.join(workdir, "config.json"))
+
+    expected = bd.expected_counts([c[0] for c in bd.CASES])
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    data = [r for r in rows if "data/examples" in r]
+    assert [r["step"] for r in data] == [3]
+    assert {k: data[0][f"data/{k}"] for k in expected} == expected  # The training epoch.
+    evals = [r for r in rows if "eval_s2/data/examples" in r]
+    assert {k: evals[0][f"eval_s2/data/{k}"] for k in expected} == expected  # The test split.
+    tags = _tags(os.path.join(workdir, "tb"))
+    assert {"data/skipped_corrupt_image", "data/converted_grayscale", "eval_s2/data/skipped_huge_image",
+            "eval_s2/bleu_4"} <= tags
+    out = capsys.readouterr().out
+    assert ("[data] step 3: skipped 10 of 24 records (corrupt_image 4, truncated_image 2, huge_image 2, "
+            "no_caption 2)") in out
+    assert f"[eval] {len(bad)} bad records skipped, not scored: image ids" in out
 
 
 def test_bad_config_value_is_rejected_at_start(tiny_config, tmp_path):
