@@ -310,7 +310,7 @@ def _train_step(sk, config, topology, limit) -> ProgramFit:
     if _too_big_to_compile(fit, per_device_bytes((sk.abstract_state, batch)),
                            "the train state (parameters, optimizer state) and the batch"):
         return fit
-    step = trainer.make_train_step(sk.family, sk.tx, sk.schedule, sk.state_shardings)
+    step = trainer.make_train_step(sk)
     compiled = compile_program(step, (sk.abstract_state, batch), fit)
     if compiled is not None:
         fit.memory, fit.flops = Memory.of(compiled), _flops(compiled)

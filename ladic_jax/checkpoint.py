@@ -27,10 +27,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
-from ladic_jax.sharding import path_str
+from ladic_jax.sharding import every_process, path_str
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +76,6 @@ def fingerprint(tree: Any) -> dict[str, int]:
     """Checksum of the exact bits of every array of a pytree, by path (same on every process)."""
     sums = jax.device_get(_checksums(tree))
     return {path_str(p): int(v) for p, v in jax.tree_util.tree_flatten_with_path(sums)[0]}
-
-
-def _all_processes(ok: bool) -> bool:
-    """True only if ``ok`` holds on every process (a collective in a multi-process run)."""
-    if jax.process_count() == 1:
-        return ok
-    from jax.experimental import multihost_utils
-    return bool(np.min(multihost_utils.process_allgather(np.int32(ok))))
 
 
 class Checkpointer:
@@ -175,7 +166,7 @@ class Checkpointer:
                 state, meta = self.restore(step, abstract_state)
             except CheckpointError as e:
                 error = e
-            if _all_processes(error is None):
+            if every_process(error is None):
                 return step, state, meta
             error = error or CheckpointError(f"checkpoint {self.path(step)} is unreadable on another process")
             log.error("%s; trying the previous one", error)

@@ -345,7 +345,8 @@ def _nonempty_str(value: Any) -> bool:
     return isinstance(value, str) and bool(value.strip())
 
 
-def _int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer (Python or numpy), not a bool."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -370,14 +371,14 @@ def validate_input(input_cfg: ml_collections.ConfigDict, *, process_count: int |
         check(_nonempty_str(c[name]), f(name), f"must be a non-empty TFDS split, got {c[name]!r}")
     check(_nonempty_str(c.tokenizer), f("tokenizer"),
           f"must be a tokenizer directory or hub id, got {c.tokenizer!r}")
-    check(_int(c.image_size) and c.image_size > 0, f("image_size"),
+    check(is_int(c.image_size) and c.image_size > 0, f("image_size"),
           f"must be a positive integer, got {c.image_size!r}")
     for name in ("image_mean", "image_std"):
         value = c[name]
         check(isinstance(value, (tuple, list)) and len(value) == 3 and all(map(_is_number, value)),
               f(name), f"must be 3 numbers (one per RGB channel), got {value!r}")
     check(all(s > 0 for s in c.image_std), f("image_std"), f"must be > 0 in every channel, got {c.image_std!r}")
-    check(_int(c.max_length) and c.max_length >= 3, f("max_length"),
+    check(is_int(c.max_length) and c.max_length >= 3, f("max_length"),
           f"must be an integer >= 3 ([CLS], a token, [SEP]), got {c.max_length!r}")
     for name in ("random_resized_crop", "flip"):
         check(isinstance(c[name], bool), f(name), f"must be a bool, got {c[name]!r}")
@@ -385,18 +386,18 @@ def validate_input(input_cfg: ml_collections.ConfigDict, *, process_count: int |
     check(isinstance(scale, (tuple, list)) and len(scale) == 2 and all(map(_is_number, scale))
           and 0 < scale[0] <= scale[1] <= 1, f("crop_scale"),
           f"must be (low, high) with 0 < low <= high <= 1, got {scale!r}")
-    check(_int(c.shuffle_buffer) and c.shuffle_buffer >= 0, f("shuffle_buffer"),
+    check(is_int(c.shuffle_buffer) and c.shuffle_buffer >= 0, f("shuffle_buffer"),
           f"must be an integer >= 0, got {c.shuffle_buffer!r}")
     for name in ("batch_size", "eval_batch_size"):
         value = c[name]
-        check(_int(value) and value > 0 and value % process_count == 0, f(name),
+        check(is_int(value) and value > 0 and value % process_count == 0, f(name),
               f"must be a positive integer divisible by the number of processes ({process_count}), "
               f"got {value!r}")
-    check(_int(c.seed) and 0 <= c.seed < 2**63, f("seed"), f"must be an integer in [0, 2**63), got {c.seed!r}")
+    check(is_int(c.seed) and 0 <= c.seed < 2**63, f("seed"), f"must be an integer in [0, 2**63), got {c.seed!r}")
     check(c.train_captions in ("sample", "first"), f("train_captions"),
           f"must be 'sample' (one reference drawn per image per epoch) or 'first', got {c.train_captions!r}")
     if "max_image_pixels" in c:  # Optional: configs saved before it existed take the default.
-        check(_int(c.max_image_pixels) and c.max_image_pixels > 0, f("max_image_pixels"),
+        check(is_int(c.max_image_pixels) and c.max_image_pixels > 0, f("max_image_pixels"),
               f"must be a positive integer (pixels), got {c.max_image_pixels!r}")
     return input_cfg
 

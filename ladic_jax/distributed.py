@@ -56,10 +56,6 @@ def config_section() -> ml_collections.ConfigDict:
     })
 
 
-def _int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_address(value: Any, field: str) -> None:
     ok = isinstance(value, str) and re.fullmatch(r"\S+:(\d+)", value.strip()) is not None
     if ok:
@@ -78,14 +74,14 @@ def validate(config) -> None:
         _check_address(d.coordinator_address, "config.distributed.coordinator_address")
     n = d.get("num_processes")
     if n is not None:
-        config_lib.check(_int(n) and n >= 1, "config.distributed.num_processes", f"must be an integer >= 1, got {n!r}")
+        config_lib.check(config_lib.is_int(n) and n >= 1, "config.distributed.num_processes", f"must be an integer >= 1, got {n!r}")
     i = d.get("process_id")
     if i is not None:
-        config_lib.check(_int(i) and i >= 0 and (n is None or i < n), "config.distributed.process_id",
+        config_lib.check(config_lib.is_int(i) and i >= 0 and (n is None or i < n), "config.distributed.process_id",
                          f"must be an integer in [0, num_processes={n}), got {i!r}")
     ids = d.get("local_device_ids")
     if ids is not None:
-        config_lib.check(isinstance(ids, (tuple, list)) and all(_int(x) and x >= 0 for x in ids),
+        config_lib.check(isinstance(ids, (tuple, list)) and all(config_lib.is_int(x) and x >= 0 for x in ids),
                          "config.distributed.local_device_ids", f"must be a tuple of device ids >= 0, got {ids!r}")
     config_lib.check(isinstance(d.get("auto_detect", False), bool), "config.distributed.auto_detect",
                      f"must be a bool, got {d.get('auto_detect')!r}")

@@ -155,6 +155,23 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def every_process(flag: bool) -> bool:
+    """True only if ``flag`` holds on every process (a collective in a multi-process run)."""
+    return _across_processes(flag, np.min)
+
+
+def any_process(flag: bool) -> bool:
+    """True if ``flag`` holds on at least one process (a collective in a multi-process run)."""
+    return _across_processes(flag, np.max)
+
+
+def _across_processes(flag: bool, reduce) -> bool:
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(reduce(multihost_utils.process_allgather(np.int32(flag))))
+
+
 @config_lib.register_validator("mesh")
 def validate_mesh(config, num_devices: int | None = None) -> None:
     """Checks config.mesh against num_devices (default: all of JAX's) and config.sharding_rules."""

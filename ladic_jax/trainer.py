@@ -110,6 +110,7 @@ class Skeleton:
     init_fn: Any
     abstract_state: Any     # ShapeDtypeStructs carrying their shardings
     state_shardings: Any
+    frozen: Any             # bools over params: True where config.optim.frozen matches
 
 
 def skeleton(config, devices: Sequence[jax.Device] | None = None) -> Skeleton:
@@ -133,7 +134,8 @@ def skeleton(config, devices: Sequence[jax.Device] | None = None) -> Skeleton:
     abstract = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": abstract_params,
                 "opt_state": abstract_opt, "rng": jax.eval_shape(lambda: rng)}
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return Skeleton(family, mesh, tx, schedule, steps, init_fn, abstract, shardings)
+    frozen = optim.frozen_mask(abstract_params, list(config.optim.frozen))
+    return Skeleton(family, mesh, tx, schedule, steps, init_fn, abstract, shardings, frozen)
 
 
 def restore(sk: Skeleton, workdir: str, step: int | None = None) -> tuple[int, dict] | None:
@@ -169,11 +171,17 @@ def fresh_state(sk: Skeleton, config) -> tuple[dict, list[str]]:
     return state, notes + prep_notes
 
 
-def make_train_step(family: Family, tx: optax.GradientTransformation, schedule, state_shardings):
+def make_train_step(sk: Skeleton):
+    """The jitted train step. Frozen parameters enter the loss behind ``stop_gradient``: their weight
+    gradients are never formed (the optimizer would zero them anyway), while gradients still flow through
+    them to the trainable parameters upstream."""
+    family, tx, schedule = sk.family, sk.tx, sk.schedule
+
     def step_fn(state, batch):
         rng = jax.random.fold_in(state["rng"], state["step"])
 
         def loss_fn(params):
+            params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, sk.frozen)
             return family.loss(params, batch, rng, train=True)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -183,7 +191,7 @@ def make_train_step(family: Family, tx: optax.GradientTransformation, schedule, 
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
         return new_state, metrics
 
-    return jax.jit(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
+    return jax.jit(step_fn, donate_argnums=0, out_shardings=(sk.state_shardings, None))
 
 
 class _StopRequest:
@@ -210,7 +218,7 @@ class _StopRequest:
                 print(f"[train] preemption notice: every process stops at step {step}", flush=True)
                 return True
             return False
-        return bool(np.max(multihost_utils.process_allgather(np.int32(self.signal is not None))))
+        return sharding.any_process(self.signal is not None)
 
     def __enter__(self):
         for sig in (signal.SIGINT,) if self._sync else (signal.SIGTERM, signal.SIGINT):
@@ -257,13 +265,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     writer = MetricWriter(workdir)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.checkpoint.keep)
     evaluator = Evaluator(s.family, config, s.mesh)
-    train_step = make_train_step(s.family, s.tx, s.schedule, s.state_shardings)
+    train_step = make_train_step(s)
 
     step = int(jax.device_get(state["step"]))
     if jax.process_index() == 0:
         n_params = optim.count_params(state["params"])
-        frozen = optim.frozen_mask(state["params"], list(config.optim.frozen))
-        n_frozen = optim.count_params(state["params"], frozen)
+        n_frozen = optim.count_params(state["params"], s.frozen)
         print(f"[train] {config.family}: {n_params:,} parameters ({n_params - n_frozen:,} trainable); "
               f"{s.total_steps} steps of batch {config.input.batch_size}; mesh {dict(s.mesh.shape)}", flush=True)
     batches = pipeline.make_train_iterator(config.input, s.family.tokenizer, start_step=step)
@@ -304,8 +311,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 save(step)
             if config.eval.every_steps and (step % config.eval.every_steps == 0) and step != s.total_steps:
                 last.update(_evaluate(evaluator, state, step, workdir, config, writer))
-    checkpointer.wait()
-    checkpointer.close()
+    checkpointer.close()  # (waits for the last save)
     if config.eval.at_end:
         last.update(_evaluate(evaluator, state, step, workdir, config, writer))
     evaluator.close()

@@ -72,7 +72,7 @@ def main(argv=None) -> None:
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; float32 matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s")
 
-    step = trainer.make_train_step(fam, sk.tx, sk.schedule, sk.state_shardings)
+    step = trainer.make_train_step(sk)
     flops = _flops(step, state, batch)
     state, _ = step(state, batch)  # compile + first step (the state is donated)
     jax.block_until_ready(state)

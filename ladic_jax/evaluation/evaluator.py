@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any, Callable
 
@@ -66,9 +65,6 @@ def mbr_sample(sample: Callable[[jax.Array], Any], rng: jax.Array, n: int,
     return [texts[c][i] for i, c in enumerate(chosen)], chosen, outputs, texts
 
 
-_to_numpy = sharding.to_host
-
-
 # Skipped bad records named in the printed summary (the eval json lists all).
 _SHOWN_SKIPS = 20
 
@@ -102,15 +98,15 @@ class Evaluator:
         self.data_counts, self.skipped = bad_records.Counts(), []
         for i, batch in enumerate(it):
             gb = sharding.global_batch(batch, self.mesh)
-            mask = _to_numpy(gb["_mask"]).astype(bool)
-            self._note_bad_records(_to_numpy(gb["image_id"]), _to_numpy(gb["_data_flags"]))
+            mask = sharding.to_host(gb["_mask"]).astype(bool)
+            self._note_bad_records(sharding.to_host(gb["image_id"]), sharding.to_host(gb["_data_flags"]))
             t0 = time.perf_counter()
-            out = lambda key: jax.tree.map(lambda a: _to_numpy(a)[mask], fn(params, gb, key))  # noqa: E731
+            out = lambda key: jax.tree.map(lambda a: sharding.to_host(a)[mask], fn(params, gb, key))  # noqa: E731
             decode = lambda o: self.family.decode(o["tokens"] if trajectory else o)  # noqa: E731
             captions, _, outputs, texts = mbr_sample(out, jax.random.fold_in(rng, i), n, decode,
                                                      sampler_cfg.mbr_metric)
             dt = time.perf_counter() - t0
-            ids = _to_numpy(gb["image_id"])[mask]
+            ids = sharding.to_host(gb["image_id"])[mask]
             refs = self._gather_references(batch)
             extras = [{} for _ in ids]
             if n > 1:

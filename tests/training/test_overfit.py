@@ -38,7 +38,7 @@ def overfit(tiny_data_dir, tmp_path_factory):
     # The batch to memorise: the first 8 training images with their first reference caption.
     host = next(pipeline.make_eval_iterator(cfg.input, sk.family.tokenizer, split="train", batch_size=8))
     batch = sharding.global_batch({k: host[k] for k in ("image", "tokens", "token_mask")}, sk.mesh)
-    step = trainer.make_train_step(sk.family, sk.tx, sk.schedule, sk.state_shardings)
+    step = trainer.make_train_step(sk)
     losses = []
     for _ in range(STEPS):
         state, m = step(state, batch)

@@ -8,6 +8,7 @@ import glob
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -118,3 +119,34 @@ def test_bad_config_value_is_rejected_at_start(tiny_config, tmp_path):
     with pytest.raises((ConfigError, ValueError), match="batch_size"):
         trainer.train_and_evaluate(tiny_config("input.batch_size=0"), str(tmp_path / "x"))
     assert not os.path.exists(tmp_path / "x" / "checkpoints")
+
+
+def test_frozen_parameters_get_no_weight_gradients():
+    """Freezing the image encoder must take its backward pass out of the compiled train step: at least
+    its weight gradients, 2 * batch * tokens * (its dense-kernel sizes) flops by the closed form
+    (the input gradients go too, as nothing before it trains). Without stop_gradient on frozen
+    parameters XLA still forms those gradients, and the two steps cost the same."""
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from tiny_setup import make_tiny_config
+
+    def step_flops(extra_frozen):
+        cfg = make_tiny_config("/nonexistent")
+        with cfg.unlocked():
+            cfg.optim.frozen = list(cfg.optim.frozen) + extra_frozen
+        sk = trainer.skeleton(cfg)
+        batch = trainer.dummy_batch(cfg, int(cfg.input.batch_size))
+        cost = trainer.make_train_step(sk).lower(sk.abstract_state, batch).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return cfg, sk, float(cost["flops"])
+
+    cfg, sk, frozen_flops = step_flops([r"^image/"])
+    _, _, trained_flops = step_flops([])
+    kernels = sum(int(np.prod(leaf.shape))
+                  for path, leaf in jax.tree_util.tree_flatten_with_path(sk.abstract_state["params"])[0]
+                  if trainer.sharding.path_str(path).startswith("image/layers")
+                  and trainer.sharding.path_str(path).endswith("kernel"))
+    tokens = (cfg.input.image_size // cfg.model.image.config.patch_size) ** 2
+    weight_grad_flops = 2 * cfg.input.batch_size * tokens * kernels
+    assert kernels > 0
+    assert trained_flops - frozen_flops >= weight_grad_flops, (trained_flops, frozen_flops, weight_grad_flops)
