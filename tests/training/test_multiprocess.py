@@ -146,6 +146,10 @@ def test_two_processes_train_stop_resume_and_evaluate_like_one(tiny_data_dir, co
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     assert all(len(v) == 1 for v in got.values()), "a step was logged twice: metrics must come from process 0"
     assert got == want
+    # Bad-record counts are summed over the processes: every step counts the global batch.
+    counted = [{r["step"]: r["data/examples"] for r in launch.metrics(w) if "data/examples" in r}
+               for w in (workdir, ref)]
+    assert counted[0] == counted[1] and set(counted[0].values()) == {8}, counted
     assert len(_captions(workdir, STEPS)) == 8 and _captions(workdir, STEPS) == _captions(ref, STEPS)
     scores = [json.loads(report.metrics_path(w, STEPS).read_text()) for w in (workdir, ref)]
     for key in ("num_images", "bleu_4", "cider", "meteor", "rouge_l", "dist_1"):
