@@ -138,8 +138,11 @@ def skeleton(config, devices: Sequence[jax.Device] | None = None) -> Skeleton:
     return Skeleton(family, mesh, tx, schedule, steps, init_fn, abstract, shardings, frozen)
 
 
-def restore(sk: Skeleton, workdir: str, step: int | None = None) -> tuple[int, dict] | None:
-    """(step, state) of the given or newest good checkpoint in workdir, or None if it has none."""
+def restore(sk: Skeleton, workdir: str, step: int | None = None, *, resuming: bool = False
+            ) -> tuple[int, dict] | None:
+    """(step, state) of the given or newest good checkpoint in workdir, or None if it has none.
+    ``resuming`` (the trainer): unusable checkpoints newer than the one restored are set aside, as the run
+    will save those steps again."""
     path = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(path):
         return None
@@ -147,7 +150,7 @@ def restore(sk: Skeleton, workdir: str, step: int | None = None) -> tuple[int, d
     try:
         if step is not None:
             return step, ck.restore(step, sk.abstract_state)[0]
-        found = ck.restore_latest_good(sk.abstract_state)
+        found = ck.restore_latest_good(sk.abstract_state, set_aside=resuming)
         return None if found is None else (found[0], found[1])
     finally:
         ck.close()
@@ -251,7 +254,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     distributed.initialize(config)
     os.makedirs(workdir, exist_ok=True)
     s = skeleton(config)
-    found = restore(s, workdir)
+    found = restore(s, workdir, resuming=True)
     if found is not None:
         state, notes = found[1], [f"resumed from {workdir}/checkpoints/{found[0]}"]
     else:
