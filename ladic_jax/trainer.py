@@ -113,12 +113,13 @@ class Skeleton:
     frozen: Any             # bools over params: True where config.optim.frozen matches
 
 
-def skeleton(config, devices: Sequence[jax.Device] | None = None) -> Skeleton:
+def skeleton(config, devices: Sequence[jax.Device] | None = None, *, check_batches: bool = True) -> Skeleton:
     """The run's skeleton on a mesh over ``devices`` (default: all of ``jax.devices()``; ``ladic_jax.aot``
-    passes the compile-only devices of a TPU topology)."""
+    passes the compile-only devices of a TPU topology, and reports batch sizes that do not split over
+    them per program instead of ``check_batches`` raising)."""
     devices = jax.devices() if devices is None else list(devices)
     config_lib.validate(config, exclude=("mesh",))
-    sharding.validate_mesh(config, len(devices))
+    sharding.validate_mesh(config, len(devices), batches=check_batches)
     family = get_family(config)
     mesh = sharding.make_mesh(config.mesh, devices)
     steps = total_steps(config)
