@@ -16,7 +16,8 @@ Failures, and what they do:
   or garbled files) or when the restored arrays do not match the checksums written at save time
   (corruption that still decodes, e.g. a flipped byte: zstd chunks carry no checksum of their own).
   ``restore_latest_good`` logs each such checkpoint and falls back to the previous one; if none is
-  usable it raises rather than let a run silently start again from scratch.
+  usable it raises rather than let a run silently start again from scratch. A resuming run has the
+  unusable ones renamed ``<step>.unusable`` (kept for a post-mortem), since it will save those steps again.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from etils import epath
 
 from ladic_jax.sharding import every_process, path_str
 
@@ -85,6 +87,8 @@ class Checkpointer:
             max_to_keep=keep, create=not read_only, read_only=read_only,
             enable_async_checkpointing=async_save, cleanup_tmp_directories=not read_only)
         self._mgr = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._reader = ocp.CompositeCheckpointHandler(state=ocp.StandardCheckpointHandler(),
+                                                      meta=ocp.JsonCheckpointHandler())
         self._pending: int | None = None  # step of a save that may still be running in the background
 
     def path(self, step: int) -> str:
@@ -97,8 +101,8 @@ class Checkpointer:
         return self._mgr.latest_step()
 
     def _save_failed(self, step: int, e: BaseException) -> CheckpointError:
-        good = self._mgr.latest_step()
-        good = f"the newest complete checkpoint is {self.path(good)}" if good is not None and good != step else \
+        good = max((s for s in self._mgr.all_steps() if s != step), default=None)
+        good = f"the newest complete checkpoint is {self.path(good)}" if good is not None else \
             "no complete checkpoint exists"
         return CheckpointError(f"saving checkpoint {self.path(step)} failed ({_reason(e)}); {good}")
 
@@ -128,12 +132,19 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
         """Restores ``step`` onto the shardings given by ``abstract_state`` (ShapeDtypeStructs), checked
-        against the checksums saved with it."""
+        against the checksums saved with it. Every process calls it and gets the same outcome.
+
+        Read by orbax's handler, not the manager: the manager's restore ends in a barrier, which a process
+        whose read failed (its shards damaged, the others' not) would miss while the others wait in it."""
+        error = None
         try:
-            out = self._mgr.restore(step, args=ocp.args.Composite(
+            out = self._reader.restore(epath.Path(self.path(step)), args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for unreadable files
-            raise CheckpointError(f"checkpoint {self.path(step)} is unreadable ({_reason(e)})") from e
+            error = CheckpointError(f"checkpoint {self.path(step)} is unreadable ({_reason(e)})")
+            error.__cause__ = e
+        if not every_process(error is None):
+            raise error or CheckpointError(f"checkpoint {self.path(step)} is unreadable on another process")
         state, meta = out["state"], dict(out["meta"] or {})
         expected = meta.pop(FINGERPRINT_KEY, None)
         if expected is not None:  # (checkpoints written before checksums existed have none)
@@ -151,30 +162,49 @@ class Checkpointer:
         meta.pop(FINGERPRINT_KEY, None)
         return meta
 
-    def restore_latest_good(self, abstract_state: Any, *, before: int | None = None
+    def restore_latest_good(self, abstract_state: Any, *, before: int | None = None, set_aside: bool = False
                             ) -> tuple[int, Any, dict] | None:
-        """Newest checkpoint that restores; unusable ones are logged by path and skipped.
+        """Newest checkpoint that restores; unusable ones are logged by path and skipped, and with
+        ``set_aside`` (a run resuming, which will save those steps again) renamed ``<step>.unusable``.
 
         None if there is no checkpoint at all; CheckpointError if there are some but none is usable.
         """
-        errors = []
+        errors, unusable = [], []
         for step in reversed(self.all_steps()):
             if before is not None and step >= before:
                 continue
-            error = None
             try:
                 state, meta = self.restore(step, abstract_state)
-            except CheckpointError as e:
-                error = e
-            if every_process(error is None):
-                return step, state, meta
-            error = error or CheckpointError(f"checkpoint {self.path(step)} is unreadable on another process")
-            log.error("%s; trying the previous one", error)
-            errors.append(str(error))
+            except CheckpointError as e:  # (on every process alike)
+                log.error("%s; trying the previous one", e)
+                errors.append(str(e))
+                unusable.append(step)
+                continue
+            if set_aside:
+                self._set_aside(unusable)
+            return step, state, meta
         if errors:
             raise CheckpointError(f"no usable checkpoint in {self.directory}: " + "; ".join(errors)
                                   + ". Move the directory away to start the run afresh")
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames checkpoints ``<step>`` to ``<step>.unusable[-N]``, which orbax does not take for a step.
+        Process 0 renames; every process waits for it."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for step in steps:
+                target, n = self.path(step) + ".unusable", 1
+                while os.path.exists(target):
+                    n += 1
+                    target = f"{self.path(step)}.unusable-{n}"
+                os.rename(self.path(step), target)
+                log.warning("moved the unusable checkpoint %s to %s", self.path(step), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("ladic_jax.checkpoint.set_aside")
+        self._mgr.reload()
 
     def close(self) -> None:
         """Waits for the last save (raising CheckpointError if it failed) and releases orbax's threads."""

@@ -172,13 +172,29 @@ def _across_processes(flag: bool, reduce) -> bool:
     return bool(reduce(multihost_utils.process_allgather(np.int32(flag))))
 
 
+def batch_split_problem(field: str, batch_size: int, data_parallel: int) -> str | None:
+    """What is wrong with ``config.input.<field>`` if it does not split over ``data_parallel`` devices."""
+    if batch_size % data_parallel == 0:
+        return None
+    nearest = sorted({max(data_parallel, batch_size // data_parallel * data_parallel),
+                      -(-batch_size // data_parallel) * data_parallel})
+    return (f"config.input.{field}={batch_size} does not split over the {data_parallel} data-parallel devices: "
+            f"use a multiple of {data_parallel}, e.g. {' or '.join(map(str, nearest))}")
+
+
 @config_lib.register_validator("mesh")
-def validate_mesh(config, num_devices: int | None = None) -> None:
-    """Checks config.mesh against num_devices (default: all of JAX's) and config.sharding_rules."""
+def validate_mesh(config, num_devices: int | None = None, *, batches: bool = True) -> None:
+    """Checks config.mesh against num_devices (default: all of JAX's), config.sharding_rules and (with
+    ``batches``) that the batch sizes split over the mesh's data-parallel axes."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
     try:
-        mesh_shape(config.mesh, jax.device_count() if num_devices is None else num_devices)
+        shape = dict(zip(AXES, mesh_shape(config.mesh, num_devices)))
     except ValueError as e:
         raise config_lib.ConfigError(str(e)) from None
+    for field in ("batch_size", "eval_batch_size") if batches and "input" in config else ():
+        problem = batch_split_problem(field, config.input[field], shape["data"] * shape["fsdp"])
+        if problem:
+            raise config_lib.ConfigError(f"{problem} (mesh {shape} on {num_devices} devices)")
     for i, entry in enumerate(config.get("sharding_rules", [])):
         if len(entry) != 2 or entry[1] not in RULES:
             raise config_lib.ConfigError(

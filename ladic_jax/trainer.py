@@ -113,12 +113,13 @@ class Skeleton:
     frozen: Any             # bools over params: True where config.optim.frozen matches
 
 
-def skeleton(config, devices: Sequence[jax.Device] | None = None) -> Skeleton:
+def skeleton(config, devices: Sequence[jax.Device] | None = None, *, check_batches: bool = True) -> Skeleton:
     """The run's skeleton on a mesh over ``devices`` (default: all of ``jax.devices()``; ``ladic_jax.aot``
-    passes the compile-only devices of a TPU topology)."""
+    passes the compile-only devices of a TPU topology, and reports batch sizes that do not split over
+    them per program instead of ``check_batches`` raising)."""
     devices = jax.devices() if devices is None else list(devices)
     config_lib.validate(config, exclude=("mesh",))
-    sharding.validate_mesh(config, len(devices))
+    sharding.validate_mesh(config, len(devices), batches=check_batches)
     family = get_family(config)
     mesh = sharding.make_mesh(config.mesh, devices)
     steps = total_steps(config)
@@ -138,8 +139,11 @@ def skeleton(config, devices: Sequence[jax.Device] | None = None) -> Skeleton:
     return Skeleton(family, mesh, tx, schedule, steps, init_fn, abstract, shardings, frozen)
 
 
-def restore(sk: Skeleton, workdir: str, step: int | None = None) -> tuple[int, dict] | None:
-    """(step, state) of the given or newest good checkpoint in workdir, or None if it has none."""
+def restore(sk: Skeleton, workdir: str, step: int | None = None, *, resuming: bool = False
+            ) -> tuple[int, dict] | None:
+    """(step, state) of the given or newest good checkpoint in workdir, or None if it has none.
+    ``resuming`` (the trainer): unusable checkpoints newer than the one restored are set aside, as the run
+    will save those steps again."""
     path = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(path):
         return None
@@ -147,7 +151,7 @@ def restore(sk: Skeleton, workdir: str, step: int | None = None) -> tuple[int, d
     try:
         if step is not None:
             return step, ck.restore(step, sk.abstract_state)[0]
-        found = ck.restore_latest_good(sk.abstract_state)
+        found = ck.restore_latest_good(sk.abstract_state, set_aside=resuming)
         return None if found is None else (found[0], found[1])
     finally:
         ck.close()
@@ -251,7 +255,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     distributed.initialize(config)
     os.makedirs(workdir, exist_ok=True)
     s = skeleton(config)
-    found = restore(s, workdir)
+    found = restore(s, workdir, resuming=True)
     if found is not None:
         state, notes = found[1], [f"resumed from {workdir}/checkpoints/{found[0]}"]
     else:

@@ -8,8 +8,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from ladic_jax import sharding
+from ladic_jax.config import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -42,3 +44,17 @@ def test_fsdp_rule_shards_the_largest_divisible_dimension():
     assert sharding._fsdp_spec((7, 5), 4) == jax.sharding.PartitionSpec()
     assert sharding.mesh_shape([("data", -1), ("fsdp", 2)], 8) == (4, 2, 1)
     assert mesh.shape["data"] == 1
+
+
+def test_batch_sizes_that_do_not_split_over_the_data_parallel_devices_are_rejected(tiny_config):
+    cfg = tiny_config('mesh=[("data", 4), ("fsdp", 2), ("model", 1)]', "input.batch_size=16",
+                      "input.eval_batch_size=24")
+    sharding.validate_mesh(cfg, 8)  # 16 and 24 split over 4 x 2 devices
+    for field, size, hint in [("batch_size", 12, "8 or 16"), ("eval_batch_size", 4, "8")]:
+        with cfg.unlocked():
+            bad = cfg.copy_and_resolve_references()
+            bad.input[field] = size
+        with pytest.raises(ConfigError, match=rf"config\.input\.{field}={size} does not split over the 8 "
+                                              rf"data-parallel devices: use a multiple of 8, e.g\. {hint} "
+                                              r"\(mesh \{'data': 4, 'fsdp': 2, 'model': 1\} on 8 devices\)"):
+            sharding.validate_mesh(bad, 8)
