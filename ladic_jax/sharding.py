@@ -155,21 +155,25 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def over_processes(values, reduce) -> np.ndarray:
+    """``reduce`` (np.min, np.max, np.sum) over the processes of a host array of the same shape on each,
+    elementwise (a collective in a multi-process run)."""
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+    gathered = np.asarray(multihost_utils.process_allgather(values))
+    return reduce(gathered.reshape(-1, *values.shape), axis=0)
+
+
 def every_process(flag: bool) -> bool:
     """True only if ``flag`` holds on every process (a collective in a multi-process run)."""
-    return _across_processes(flag, np.min)
+    return bool(over_processes(np.int32(flag), np.min))
 
 
 def any_process(flag: bool) -> bool:
     """True if ``flag`` holds on at least one process (a collective in a multi-process run)."""
-    return _across_processes(flag, np.max)
-
-
-def _across_processes(flag: bool, reduce) -> bool:
-    if jax.process_count() == 1:
-        return bool(flag)
-    from jax.experimental import multihost_utils
-    return bool(reduce(multihost_utils.process_allgather(np.int32(flag))))
+    return bool(over_processes(np.int32(flag), np.max))
 
 
 def batch_split_problem(field: str, batch_size: int, data_parallel: int) -> str | None:

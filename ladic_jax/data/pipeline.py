@@ -423,15 +423,10 @@ class TrainStream:
         this at the same step (it is a collective).
         """
         counts, self._counts = self._counts.as_dict(), bad_records.Counts()
-        import jax  # Only for the process count and the sum over processes.
+        from ladic_jax import sharding  # (imports JAX, which the rest of the pipeline does without)
 
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            values = np.array(list(counts.values()), np.int64)
-            total = np.asarray(multihost_utils.process_allgather(values)).reshape(-1, values.size).sum(0)
-            counts = dict(zip(counts, total.tolist()))
-        return counts
+        total = sharding.over_processes(np.array(list(counts.values()), np.int64), np.sum)
+        return dict(zip(counts, total.tolist()))
 
 
 # --------------------------------------------------------------------------- evaluation
