@@ -8,7 +8,11 @@ trained from scratch (no pretrained image weights are to be had offline); diffus
       --config.input.data_dir=data
   ladic-train --config configs/ladic_shapes.py:runlocal --workdir /tmp/smoke --config.input.data_dir=data
 
-Variants: ``runlocal`` (a few steps, tiny eval: a smoke test), ``steps=N`` (training steps).
+Variants: ``runlocal`` (a few steps, tiny eval: a smoke test), ``steps=N`` (training steps),
+``tower=DIR``: the image encoder is the pretrained image tower of the shapes vision-language model
+(configs/coca_shapes.py, exported by ``ladic-convert clip`` in the Hugging Face CLIP layout), frozen, as the
+paper freezes BLIP's ViT; its tokens are read after the tower's final LayerNorm, as its caption decoder read
+them. Without it the ViT trains from scratch inside the diffusion loss (with the image-words loss).
 """
 
 import ml_collections
@@ -21,7 +25,7 @@ FROZEN_TEXT = r"^text/(embeddings|layers_\d+)/"  # the split BERT but its MLM he
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, runlocal=False, steps=0)
+    arg = parse_arg(arg, runlocal=False, steps=0, tower="")
     c = ml_collections.ConfigDict()
     c.family = "ladic"
     c.seed = 0
@@ -72,6 +76,11 @@ def get_config(arg=None):
     c.log_every = 50
     c.checkpoint = dict(every_steps=500, keep=3)
     c.eval = dict(every_steps=0, at_end=True, sampling_steps=(5, 30), limit=0)
+
+    if arg.tower:
+        c.model.image = dict(pretrained=arg.tower, kind="clip_vision", config=None, normalize_tokens=True)
+        c.model.image_words_weight = 0.0
+        c.optim.frozen.append(r"^image/")
 
     if arg.runlocal:
         c.total_steps = arg.steps or 4

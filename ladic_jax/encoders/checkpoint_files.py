@@ -1,4 +1,5 @@
-"""Reading checkpoint tensors from a directory: safetensors (single or sharded) and PyTorch `.bin` files.
+"""Reading checkpoint tensors from a directory: safetensors (single or sharded) and PyTorch `.bin` files; writing
+a single safetensors file (`write_safetensors`, for `export.py`).
 
 Tensors come back as host numpy arrays keyed by their checkpoint names. Safetensors files are parsed here rather
 than with `safetensors.numpy`, which cannot represent bfloat16; the format is a little-endian u64 header length, a
@@ -49,6 +50,29 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
             raise ValueError(f"{path}: tensor {name!r} byte range does not match shape {shape} x {dtype}")
         tensors[name] = body[begin:end].view(dtype).reshape(shape)
     return tensors
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Writes `tensors` (name -> numpy array, bfloat16 included) as one safetensors file, names in sorted order.
+
+    Like the reader, it assumes a little-endian host (the format's byte order).
+    """
+    tags = {np.dtype(dtype): tag for tag, dtype in _SAFETENSORS_DTYPES.items()}
+    values = {name: np.asarray(tensors[name], order="C") for name in sorted(tensors)}  # (keeps 0-d shapes)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for name, value in values.items():
+        if value.dtype not in tags:
+            raise ValueError(f"tensor {name!r} has dtype {value.dtype}, which safetensors cannot store")
+        header[name] = {"dtype": tags[value.dtype], "shape": list(value.shape),
+                        "data_offsets": [offset, offset + value.nbytes]}
+        offset += value.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header with spaces to align the data
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for value in values.values():
+            f.write(value.tobytes())
 
 
 def read_torch_bin(path: Path) -> dict[str, np.ndarray]:

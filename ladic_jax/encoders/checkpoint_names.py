@@ -13,13 +13,16 @@ PyTorch tensor(s) become Flax leaves:
 | `conv` / `conv_nobias` | `NAME.weight` (+ `NAME.bias`) | `PATH/kernel` (+ `PATH/bias`) | (out, in, h, w) -> (h, w, in, out) |
 | `qkv` | fused `NAME.weight` (3D, D), `NAME.bias` (3D) | `PATH/{query,key,value}/{kernel,bias}` | rows split in thirds (q, k, v), then transposed |
 
-`expand` turns a table into `Rule`s (one per Flax leaf); `convert_checkpoint` applies them strictly.
+`expand` turns a table into `Rule`s (one per Flax leaf); `convert_checkpoint` applies them strictly, and
+`export_checkpoint` runs them backwards (Flax leaves -> checkpoint tensors, each conversion's inverse is defined
+next to it; the fused `qkv` rule has none).
 Names of old checkpoints using `LayerNorm.gamma` / `LayerNorm.beta` are renamed to `.weight` / `.bias` first
 (`normalise_names`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import re
 from typing import Callable, Iterable, Mapping, Sequence
@@ -27,6 +30,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import numpy as np
 
 Convert = Callable[[np.ndarray, tuple[int, ...]], np.ndarray]
+Invert = Callable[[np.ndarray], np.ndarray]
 Row = tuple[str, str, str]
 
 # ---------------------------------------------------------------------------------------------- conversions
@@ -36,12 +40,24 @@ def _keep(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return x
 
 
+def _keep_back(x: np.ndarray) -> np.ndarray:
+    return x
+
+
 def _transpose(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return x.T if x.ndim == 2 else x  # a non-matrix is left as is, to be reported as a shape mismatch
 
 
+def _transpose_back(x: np.ndarray) -> np.ndarray:
+    return x.T
+
+
 def _conv_kernel(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return x.transpose(2, 3, 1, 0) if x.ndim == 4 else x
+
+
+def _conv_kernel_back(x: np.ndarray) -> np.ndarray:
+    return x.transpose(3, 2, 0, 1)  # (h, w, in, out) -> (out, in, h, w)
 
 
 def _drop_leading_ones(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -49,6 +65,19 @@ def _drop_leading_ones(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if extra > 0 and x.shape[:extra] == (1,) * extra:
         return x.reshape(x.shape[extra:])
     return x
+
+
+def _drop_leading_ones_back(x: np.ndarray) -> np.ndarray:
+    # Written in the Flax shape, which is HF's for CLIP/BLIP ((D,), (N, D), ()); timm's (1, N, D) is not an export
+    # target.
+    return x
+
+
+# conversion -> its inverse (Flax leaf -> checkpoint tensor), for `export_checkpoint`.
+_INVERSES: dict[Convert, Invert] = {
+    _keep: _keep_back, _transpose: _transpose_back, _conv_kernel: _conv_kernel_back,
+    _drop_leading_ones: _drop_leading_ones_back,
+}
 
 
 def _qkv_part(part: int, weight: bool) -> Convert:
@@ -69,6 +98,14 @@ class Rule:
     target: str
     convert: Convert = _keep
     fallback: str | None = None
+
+    def export(self, value: np.ndarray) -> np.ndarray:
+        """The checkpoint tensor `source` for the Flax leaf value: the inverse of `convert`."""
+        inverse = _INVERSES.get(self.convert)
+        if inverse is None:
+            raise ValueError(f"{self.target} -> {self.source}: this conversion (e.g. a fused qkv part) cannot be "
+                             "exported leaf by leaf")
+        return inverse(value)
 
 
 def expand(
@@ -183,6 +220,13 @@ CLIP_TEXT: tuple[Row, ...] = (
     ("embed", "embeddings.position_embedding", "embeddings/position_embedding"),
     *CLIP_LAYERS,
     ("norm", "final_layer_norm", "final_layer_norm"),
+)
+# Our convolutional stem (`ViTConfig(stem="conv")`), which HF CLIP does not have: used only for such configs, with
+# `{i}` over the log2(patch_size) stages; the 1x1 projection after it keeps the name `embeddings.patch_embedding`.
+# transformers' CLIPModel cannot load a checkpoint holding these tensors; `load_pretrained` can.
+VIT_CONV_STEM: tuple[Row, ...] = (
+    ("conv", "embeddings.stem.{i}.conv", "embeddings/stem_{i}"),
+    ("norm", "embeddings.stem.{i}.norm", "embeddings/stem_norm_{i}"),
 )
 CLIP_HEADS: tuple[Row, ...] = (
     ("dense_nobias", "visual_projection", "visual_projection"),
@@ -345,3 +389,42 @@ def convert_checkpoint(
     if problems:
         raise CheckpointMismatchError(f"{description} does not match the module:\n" + "\n".join(problems))
     return Conversion(params=params, ignored=ignored, fallbacks=fallbacks)
+
+
+def export_checkpoint(
+    params: Mapping[str, np.ndarray],
+    rules: Sequence[Rule],
+    template: Mapping[str, tuple[int, ...]],
+    *,
+    description: str = "params",
+) -> dict[str, np.ndarray]:
+    """The inverse of `convert_checkpoint`: flat params ("a/b/c" -> array) -> checkpoint tensors by name, strictly.
+
+    Raises `CheckpointMismatchError` listing, all at once: leaves of `template` absent from `params`, leaves of
+    `params` not in `template`, leaves whose shape differs from the template's, and (table errors) template leaves
+    no rule fills, rules naming no leaf, and checkpoint names written by more than one rule.
+    """
+    missing = [f"{path} {tuple(shape)}" for path, shape in sorted(template.items()) if path not in params]
+    extra = [f"{path} {tuple(np.shape(params[path]))}" for path in sorted(set(params) - set(template))]
+    mismatched = [
+        f"{path}: shape {tuple(np.shape(params[path]))}, expected {tuple(template[path])}"
+        for path in sorted(set(params) & set(template)) if tuple(np.shape(params[path])) != tuple(template[path])
+    ]
+    unknown_targets = [f"{r.target} -> {r.source}" for r in rules if r.target not in template]
+    covered = {r.target for r in rules}
+    uncovered = [path for path in sorted(template) if path not in covered]
+    repeated = sorted(name for name, n in collections.Counter(r.source for r in rules).items() if n > 1)
+    problems = []
+    for title, items in (
+        ("missing parameters (expected by the module, absent)", missing),
+        ("extra parameters (not in the module)", extra),
+        ("shape mismatches", mismatched),
+        ("parameters no table rule exports", uncovered),
+        ("table rules naming no parameter of the module", unknown_targets),
+        ("checkpoint names written by several rules", repeated),
+    ):
+        if items:
+            problems.append(f"  {title}:\n" + "\n".join(f"    {item}" for item in items))
+    if problems:
+        raise CheckpointMismatchError(f"{description} do not match the module:\n" + "\n".join(problems))
+    return {r.source: np.asarray(r.export(np.asarray(params[r.target])), order="C") for r in rules}

@@ -19,6 +19,8 @@ full BLIP one (e.g. `BlipForConditionalGeneration`): their vision tower is picke
 `subtree="prefix."` restricts reading to the tensors under that prefix (names relative to it) and ignores the rest.
 A BLIP vision tower stored with timm names (`cls_token`, `blocks.N...`, as in the released LaDiC checkpoint under
 `visual_encoder.`) is recognised too; with no config.json, pass `config=ViTConfig.blip_b16(224, 1e-6)`.
+A vision config with `"stem": "conv"` (our conv stem, as written by `export.export_clip`) also reads the stem's
+tensors `embeddings.stem.{i}.{conv,norm}.*` (table `VIT_CONV_STEM`).
 
 Loading is strict (see `checkpoint_names.convert_checkpoint`): any missing, unused or mis-shaped tensor raises
 `CheckpointMismatchError` naming them all. Deliberately skipped tensors (buffers, BERT pooler/NSP head) are listed
@@ -186,12 +188,30 @@ def _bert_plan(config: BertConfig, tensors: dict, tie_word_embeddings: bool, kwa
     return _Plan(module, dummy, rules, ignore, duplicates, allow_uncovered=("mlm_head/",), initialise=initialise)
 
 
+def vit_rules(config: ViTConfig, table: tuple[names.Row, ...] = names.CLIP_VISION, source_prefix: str = "",
+              target_prefix: str = "") -> list[names.Rule]:
+    """Rules of a ViT by `table` (HF CLIP or BLIP names), plus those of our conv stem if `config.stem == "conv"`."""
+    rules = names.expand(table, config.num_layers, source_prefix, target_prefix)
+    if config.stem == "conv":  # log2(patch_size) stages, as in `ViTEmbeddings`
+        stages = config.patch_size.bit_length() - 1
+        rules += names.expand(names.VIT_CONV_STEM, stages, source_prefix, target_prefix)
+    return rules
+
+
+def clip_rules(config: CLIPConfig) -> list[names.Rule]:
+    """Rules of a full HF `CLIPModel` checkpoint (used to load it and, run backwards, to export one)."""
+    rules = names.expand(names.CLIP_TEXT, config.text.num_layers, "text_model.", "text_model/")
+    rules += vit_rules(config.vision, names.CLIP_VISION, "vision_model.", "vision_model/")
+    return rules + names.expand(names.CLIP_HEADS)
+
+
 def _vit_rules(config: ViTConfig, tensors: dict, blip: bool) -> list[names.Rule]:
     """CLIP names, or for BLIP its HF names or timm names (recognised by `cls_token`)."""
     if not blip:
-        return names.expand(names.CLIP_VISION, config.num_layers)
-    table = names.TIMM_VIT if "cls_token" in tensors else names.BLIP_VISION
-    return names.expand(table, config.num_layers)
+        return vit_rules(config, names.CLIP_VISION)
+    if "cls_token" in tensors:
+        return names.expand(names.TIMM_VIT, config.num_layers)
+    return vit_rules(config, names.BLIP_VISION)
 
 
 def _plan(kind: str, config: Any, tensors: dict, hf_config: dict | None, kwargs: dict) -> _Plan:
@@ -202,10 +222,7 @@ def _plan(kind: str, config: Any, tensors: dict, hf_config: dict | None, kwargs:
         module = CLIP(config, **kwargs)
         size = config.vision.image_size
         dummy = (jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, size, size, config.vision.num_channels)))
-        rules = names.expand(names.CLIP_TEXT, config.text.num_layers, "text_model.", "text_model/")
-        rules += names.expand(names.CLIP_VISION, config.vision.num_layers, "vision_model.", "vision_model/")
-        rules += names.expand(names.CLIP_HEADS)
-        return _Plan(module, dummy, rules)
+        return _Plan(module, dummy, clip_rules(config))
     module = ViT(config, **kwargs)
     dummy = (jnp.zeros((1, config.image_size, config.image_size, config.num_channels)),)
     return _Plan(module, dummy, _vit_rules(config, tensors, blip=kind == "blip_vision"))

@@ -98,7 +98,10 @@ class ViTConfig:
 
     @classmethod
     def from_hf(cls, hf_config: Any) -> "ViTConfig":
-        """From a transformers CLIP/BLIP vision config, or a full CLIP/BLIP config (its `vision_config`)."""
+        """From a transformers CLIP/BLIP vision config, or a full CLIP/BLIP config (its `vision_config`).
+
+        An optional `stem` key ("patch" when absent, as in every HF config) selects the stem.
+        """
         model_type = hf_get(hf_config, "model_type", None)
         if model_type in ("clip", "blip"):
             hf_config = hf_get(hf_config, "vision_config")
@@ -122,6 +125,7 @@ class ViTConfig:
             pre_norm=not blip,
             patch_bias=blip,
             norm_all_tokens=blip,
+            stem=hf_get(hf_config, "stem", "patch"),  # our key, written by `export_clip` for a conv stem only
         )
 
     @classmethod
@@ -197,7 +201,9 @@ class ViT(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, pixel_values: jax.Array, return_all: bool = False):
+    def __call__(self, pixel_values: jax.Array, return_all: bool = False, normalize_tokens: bool = False):
+        """``normalize_tokens``: apply the final LayerNorm to every token, also where the variant (CLIP) applies
+        it to the pooled CLS token only; the pooled output is unchanged (it is then the first token)."""
         c = self.config
         expected = (c.image_size, c.image_size, c.num_channels)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
@@ -222,6 +228,11 @@ class ViT(nn.Module):
         post_norm = norm("post_layer_norm")
         if c.norm_all_tokens:
             hidden = post_norm(hidden)
-        pooled = post_norm(hidden[:, 0])
+            pooled = post_norm(hidden[:, 0])
+        elif normalize_tokens:
+            hidden = post_norm(hidden)
+            pooled = hidden[:, 0]
+        else:
+            pooled = post_norm(hidden[:, 0])
         return (hidden, pooled, tuple(states)) if return_all else (hidden, pooled)
 

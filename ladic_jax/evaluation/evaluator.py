@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -22,8 +22,10 @@ from ladic_jax import sampler as sampler_lib
 from ladic_jax import sharding
 from ladic_jax.data import bad_records
 from ladic_jax.data import pipeline
+from ladic_jax.evaluation import clip_score
 from ladic_jax.evaluation import metrics as metrics_lib
 from ladic_jax.evaluation import report
+from ladic_jax.evaluation import shapes_semantics
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +71,15 @@ def mbr_sample(sample: Callable[[jax.Array], Any], rng: jax.Array, n: int,
 _SHOWN_SKIPS = 20
 
 
+class CaptionBatch(NamedTuple):
+    ids: np.ndarray
+    captions: list[str]
+    references: list[list[str]] | None
+    seconds: float
+    extras: list[dict]
+    image_emb: np.ndarray | None
+
+
 class Evaluator:
     """``Evaluator(family, config, mesh).run(params, step=..., workdir=...)`` -> metrics dict."""
 
@@ -78,19 +89,43 @@ class Evaluator:
         self.mesh = mesh
         self._sample_fns = sampler_lib.SampleFns(family, mesh)
         self._scorer = None  # one METEOR JVM for all evaluations of this evaluator
+        self._loaded_clip = None  # the CLIP of config.eval.clip, when it names a checkpoint
         self.data_counts, self.skipped = bad_records.Counts(), []  # of the last caption_batches
+
+    def _clip_scorer(self, params) -> clip_score.ClipScorer | None:
+        """The CLIP that ``config.eval.clip`` names: "" (none), "self" (the family's own, with these
+        params), or a CLIP directory / hub id (loaded once, placed on the mesh)."""
+        spec = self.config.eval.get("clip", "") or ""
+        prompt = self.config.eval.get("clip_prompt", clip_score.DEFAULT_PROMPT)
+        if not spec:
+            return None
+        if spec == "self":
+            own = self.family.own_clip(params)
+            if own is None:
+                raise ValueError(f"config.eval.clip='self', but family {self.family.name!r} has no CLIP of its own; "
+                                 "name a CLIP directory or hub id instead")
+            module, clip_params, cfg = own
+            inp = self.config.input
+            return clip_score.ClipScorer(module, clip_params, cfg, self.family.tokenizer, inp.image_mean,
+                                         inp.image_std, prompt=prompt)
+        if self._loaded_clip is None:
+            self._loaded_clip = clip_score.ClipScorer.load(spec, prompt=prompt)
+            self._loaded_clip.params = jax.jit(lambda p: p, out_shardings=sharding.replicated(self.mesh))(
+                jax.tree.map(np.asarray, self._loaded_clip.params))
+        return self._loaded_clip
 
     def close(self) -> None:
         if self._scorer is not None:
             self._scorer.close()
             self._scorer = None
 
-    def caption_batches(self, params, *, sampler_cfg, split=None, limit=None, rng=None, trajectory=False):
-        """Yields (image_ids, captions, references, sampling seconds, extras) per evaluation batch, valid
-        examples only (``self.data_counts`` and ``self.skipped`` then tell what bad records were met).
-        ``extras`` holds one dict per image: its MBR ``candidates`` (when
+    def caption_batches(self, params, *, sampler_cfg, split=None, limit=None, rng=None, trajectory=False,
+                        clip=None):
+        """Yields a ``CaptionBatch`` (image_ids, captions, references, sampling seconds, extras, image
+        embeddings) per evaluation batch, valid examples only (``self.data_counts`` and ``self.skipped`` then
+        tell what bad records were met). ``extras`` holds one dict per image: its MBR ``candidates`` (when
         ``sampler_cfg.mbr`` > 1) and, with ``trajectory``, its ``latent_distance`` per loop step (mean over
-        the candidates)."""
+        the candidates). With a ``clip`` scorer, the images' CLIP embeddings (computed on the devices)."""
         fn = self._sample_fns(sampler_cfg, trajectory)
         rng = jax.random.key(self.config.seed + 1) if rng is None else rng
         n = int(sampler_cfg.mbr)
@@ -116,7 +151,27 @@ class Evaluator:
                 distance = np.mean([o["latent_distance"] for o in outputs], axis=0)
                 for e, d in zip(extras, distance):
                     e["latent_distance"] = d.tolist()
-            yield ids, captions, [refs[int(k)] for k in ids] if refs is not None else None, dt, extras
+            emb = None
+            if clip is not None:
+                emb = sharding.to_host(clip.image_embeddings_on_device(
+                    gb["image"], self.config.input.image_mean, self.config.input.image_std))[mask]
+            yield CaptionBatch(ids, captions, [refs[int(k)] for k in ids] if refs is not None else None, dt, extras,
+                               emb)
+
+    def _semantic_accuracy(self, preds: dict[int, str], records: list[dict], result: dict) -> None:
+        """On the synthetic shapes data, whose scenes the generator knows: the ``sem_*`` scores of
+        ``shapes_semantics.score_captions`` in the result and, per caption record, ``semantic`` ("ok" or
+        what is wrong). Nothing on other datasets."""
+        if not preds:
+            return
+        found = shapes_semantics.scenes_for_dataset(self.config.input.dataset, preds)
+        if found is None:
+            return
+        scenes, gap = found
+        result.update(shapes_semantics.score_captions(preds, scenes, gap))
+        verdicts = shapes_semantics.per_caption(preds, scenes, gap)
+        for r in records:
+            r["semantic"] = verdicts[r["image_id"]].reason
 
     def _note_bad_records(self, ids: np.ndarray, flags: np.ndarray) -> None:
         """Counts what the input pipeline did to the records (all processes'; padding has id -1)."""
@@ -150,15 +205,18 @@ class Evaluator:
         distance between that step's latent prediction and the final one."""
         if sampler_cfg is None:
             sampler_cfg = sampler_config(self.config, **sampler_overrides)
-        records, seconds, timed, first = [], 0.0, 0, True
-        for ids, caps, refs, dt, extras in self.caption_batches(params, sampler_cfg=sampler_cfg, split=split,
-                                                                limit=limit, trajectory=trajectory):
+        clip = self._clip_scorer(params)
+        records, seconds, timed, first, image_emb = [], 0.0, 0, True, []
+        for b in self.caption_batches(params, sampler_cfg=sampler_cfg, split=split, limit=limit,
+                                      trajectory=trajectory, clip=clip):
             if first:  # the first call includes compilation: leave it out of the timing
                 first = False
             else:
-                seconds, timed = seconds + dt, timed + len(ids)
-            for i, c, r, e in zip(ids, caps, refs, extras):
+                seconds, timed = seconds + b.seconds, timed + len(b.ids)
+            for i, c, r, e in zip(b.ids, b.captions, b.references, b.extras):
                 records.append({"image_id": int(i), "caption": c, "references": r, **e})
+            if clip is not None:
+                image_emb.append(b.image_emb)
         n = len(records)
         result: dict[str, Any] = {"num_images": n, "sampling_steps": int(sampler_cfg.steps),
                                   **{f"data/{k}": v for k, v in self.data_counts.as_dict().items()},
@@ -166,6 +224,10 @@ class Evaluator:
                                   "guidance": float(sampler_cfg.get("guidance", 0.0)),
                                   "seconds_per_image": seconds / timed if timed > 0 else None,
                                   "sampler": sampler_cfg.to_dict()}
+        if clip is not None and records:  # on every process: the scorer's parameters may span all of them
+            result.update(clip_score.evaluate_captions(
+                clip, np.concatenate(image_emb), records, dataset=self.config.input.dataset,
+                model_metrics=bool(self.config.eval.get("clip_model_metrics", False))))
         if trajectory and records:
             result["trajectory_timesteps"] = sampler_lib.loop_timesteps(self.family, sampler_cfg).tolist()
             result["latent_distance"] = np.mean([r["latent_distance"] for r in records], axis=0).tolist()
@@ -184,6 +246,7 @@ class Evaluator:
             caps = [r["caption"] for r in records]
             result["dist_1"] = metrics_lib.distinct_n(caps, 1)
             result["dist_2"] = metrics_lib.distinct_n(caps, 2)
+            self._semantic_accuracy(preds, records, result)
             if write and workdir:
                 report.write_eval(workdir, step, result, records, tag=tag)
         return result

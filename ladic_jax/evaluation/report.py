@@ -42,6 +42,9 @@ _TAG_RE = re.compile(r"^(?:_[A-Za-z0-9.=+-][A-Za-z0-9_.=+-]*)?$")
 # (key in the metrics JSON, column title); scores are shown x100 as in papers.
 SCORE_COLUMNS = (("bleu_1", "B@1"), ("bleu_2", "B@2"), ("bleu_3", "B@3"), ("bleu_4", "B@4"),
                  ("meteor", "METEOR"), ("rouge_l", "ROUGE-L"), ("cider", "CIDEr"), ("spice", "SPICE"))
+# Shown when some evaluation has them: CLIPScore / RefCLIPScore (x100, as papers print them) and, on the
+# synthetic shapes data, the percentage of captions that are fully correct.
+OPTIONAL_COLUMNS = (("clip_score", "CLIP-S"), ("ref_clip_score", "RefCLIP-S"), ("sem_fully_correct", "correct%"))
 
 
 def eval_dir(workdir: str | os.PathLike) -> epath.Path:
@@ -299,15 +302,16 @@ def format_table(evals: Evals, sampler_fields: Sequence[str] = (), show_tag: boo
     Rows come in step order for a {step: record} dict, in list order for a list of records.
     """
     records = _as_records(evals)
+    scores = list(SCORE_COLUMNS) + [c for c in OPTIONAL_COLUMNS if any(c[0] in r for r in records)]
     extra = [("seconds_per_image", "s/img", ".4g"), ("sampling_steps", "T", ".0f")]
     if any("guidance" in r for r in records):
         extra.append(("guidance", "w", "g"))
     extra.append(("num_images", "images", ".0f"))
-    header = ["step"] + [title for _, title in SCORE_COLUMNS] + [title for _, title, _ in extra]
+    header = ["step"] + [title for _, title in scores] + [title for _, title, _ in extra]
     header += list(sampler_fields) + (["tag"] if show_tag else [])
     rows = []
     for record in records:
-        row = [str(record["step"])] + [_cell(record, key) for key, _ in SCORE_COLUMNS]
+        row = [str(record["step"])] + [_cell(record, key) for key, _ in scores]
         row += [_cell(record, key, scale=1.0, fmt=fmt) for key, _, fmt in extra]
         row += [_setting(sampler_value(record, field)) for field in sampler_fields]
         row += [record.get("tag") or "-"] if show_tag else []

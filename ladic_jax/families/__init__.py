@@ -1,3 +1,4 @@
 """Model families. Importing this package registers the built-in ones."""
 
+from ladic_jax.families import coca  # noqa: F401
 from ladic_jax.families import ladic  # noqa: F401

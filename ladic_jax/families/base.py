@@ -54,6 +54,11 @@ class Family(abc.ABC):
         """
         return params, []
 
+    def own_clip(self, params: Params) -> tuple[Any, Params, Any] | None:
+        """(module, params, config) of a CLIP inside this family's model, if it has one (the evaluator can
+        score captions with it: ``eval.clip = "self"``); None otherwise."""
+        return None
+
     def prepare(self, params: Params, train_batches: Iterator[dict[str, np.ndarray]]) -> tuple[Params, list[str]]:
         """Data-dependent set-up before the first step (e.g. latent statistics). Host side."""
         return params, []

@@ -19,7 +19,10 @@ Config (``config.model``):
     init from ``text.config``); text.config: the sizes, optional beside ``pretrained`` (then the
     checkpoint's config.json must agree, and the model can be built without the checkpoint at hand);
     text.split_layer; special_latent: "zero" | "period" | "period_raw";
-  image: the ViT (``image.pretrained`` and ``image.config`` like text; ``config`` alone trains from scratch);
+  image: the ViT (``image.pretrained`` and ``image.config`` like text; ``config`` alone trains from scratch;
+    ``image.normalize_tokens``: the cross-attention reads every token after the ViT's final LayerNorm, which
+    a CLIP tower applies to the pooled token only: e.g. a tower exported by the ``coca`` family, whose
+    decoder read them so);
   diffuser: preset name + overrides; latent_loss: "l2" (mean over tokens of the L2 norm, as the
   release) | "mse"; ce_weight (λ); self_cond_prob; uncond_prob; stats_batches;
   latent_std_eps (normalisation divides by std + eps; the release: 0); null_condition: "learned" (a
@@ -58,6 +61,7 @@ from ladic_jax.encoders import bert as bert_lib
 from ladic_jax.encoders import vit as vit_lib
 from ladic_jax.encoders import loading
 from ladic_jax.families import base
+from ladic_jax.families import vocab as vocab_lib
 from ladic_jax.models.diffuser import Diffuser, DiffuserConfig
 from ladic_jax.sharding import path_str, to_host
 
@@ -73,6 +77,7 @@ class LadicModel(nn.Module):
     vocab_size: int = 0     # > 0: the MLM head scores only this many token ids (``vocab_ids``)
     std_eps: float = _STD_EPS
     image_words: bool = False  # a linear head from the pooled image tokens to caption-word scores
+    normalize_image_tokens: bool = False  # the ViT's final LayerNorm on every image token (CLIP: CLS only)
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -111,7 +116,7 @@ class LadicModel(nn.Module):
 
     # image and denoiser
     def image_tokens(self, image):
-        tokens, _ = self.image(image)
+        tokens, _ = self.image(image, normalize_tokens=self.normalize_image_tokens)
         return tokens
 
     def image_word_logits(self, image_tokens):
@@ -188,10 +193,11 @@ class Ladic(base.Family):
             m.diffuser.preset, latent_dim=self.text_config.hidden_size,
             cond_dim=self.image_config.hidden_size, **sizes)
         dtype = jnp.dtype(config.get("dtype", "float32"))
-        self.vocab_size = int(m.max_vocab) if m.vocab == "train" else 0
+        self.vocab_size = vocab_lib.size(config)
         self.module = LadicModel(self.text_config, self.image_config, self.diffuser_config,
                                  self.split_layer, self.vocab_size, float(m.get("latent_std_eps", _STD_EPS)),
-                                 image_words=bool(m.get("image_words_weight", 0.0)), dtype=dtype)
+                                 image_words=bool(m.get("image_words_weight", 0.0)),
+                                 normalize_image_tokens=bool(m.image.get("normalize_tokens", False)), dtype=dtype)
         d = config.diffusion
         self.diffusion = GaussianDiffusion.create(d.schedule, d.num_timesteps, d.noise_factor,
                                                   d.sample_noise_factor)
@@ -208,9 +214,7 @@ class Ladic(base.Family):
         if "latent_std_eps" in config.model:
             c.require_nonnegative(config, "model.latent_std_eps")
         c.require_choice(config, "model.latent_loss", ("l2", "mse"))
-        c.require_choice(config, "model.vocab", ("full", "train"))
-        if config.model.vocab == "train":
-            c.require_positive(config, "model.max_vocab", integer=True)
+        vocab_lib.validate(config)
         c.require_nonnegative(config, "model.ce_weight")
         if "image_words_weight" in config.model:
             c.require_nonnegative(config, "model.image_words_weight")
@@ -337,7 +341,7 @@ class Ladic(base.Family):
         nb = int(self.config.model.stats_batches)
         seen: set[int] = set()
         # With a closed vocabulary, scan one epoch of captions for their token ids.
-        vocab_batches = self._epoch_batches() if self.vocab_size else 0
+        vocab_batches = vocab_lib.epoch_batches(self.config) if self.vocab_size else 0
         for i, batch in zip(range(max(nb, vocab_batches)), train_batches):
             if i < nb:
                 a, b, c = moments(params, batch["tokens"], batch["token_mask"])
@@ -352,24 +356,11 @@ class Ladic(base.Family):
         notes = [f"latent statistics from {int(n)} tokens in {nb} batches: mean |mu| "
                  f"{np.abs(mean).mean():.3f}, mean sigma {std.mean():.3f}"]
         if self.vocab_size:
-            out["vocab_ids"], note = self._closed_vocab(seen)
+            tok = self.tokenizer
+            always = (tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, self._period_id)
+            out["vocab_ids"], note = vocab_lib.build(seen, always, self.vocab_size)
             notes.append(note)
         return out, notes
-
-    def _epoch_batches(self) -> int:
-        from ladic_jax.data import pipeline
-        n = pipeline.num_eval_examples(self.config.input, self.config.input.train_split)
-        return -(-n // int(self.config.input.batch_size))
-
-    def _closed_vocab(self, seen: set[int]) -> tuple[np.ndarray, str]:
-        tok = self.tokenizer
-        ids = sorted(seen | {tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, self._period_id})
-        if len(ids) > self.vocab_size:
-            raise ValueError(f"config.model.max_vocab={self.vocab_size} is too small: the training captions "
-                             f"use {len(ids)} distinct token ids (special tokens included)")
-        padded = np.full(self.vocab_size, tok.pad_token_id, np.float32)
-        padded[: len(ids)] = ids
-        return padded, f"closed vocabulary of {len(ids)} token ids from one epoch of training captions"
 
     # ---- training ----------------------------------------------------------------------------
     def loss(self, params, batch, rng, train=True):
@@ -535,11 +526,10 @@ class Ladic(base.Family):
         """Argmax positions of the logits -> token ids (identity with the full vocabulary)."""
         if not self.vocab_size:
             return index
-        return self._apply(params, method=LadicModel.vocab)[index]
+        return vocab_lib.to_token_ids(self._apply(params, method=LadicModel.vocab), index)
 
     def _to_vocab_index(self, params, targets):
         """Token ids -> positions in the closed vocabulary (first match), and whether each was found."""
         if not self.vocab_size:
             return targets, jnp.ones(targets.shape, bool)
-        match = targets[..., None] == self._apply(params, method=LadicModel.vocab)
-        return jnp.argmax(match, -1), jnp.any(match, -1)
+        return vocab_lib.to_index(self._apply(params, method=LadicModel.vocab), targets)

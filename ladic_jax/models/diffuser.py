@@ -221,13 +221,17 @@ class Attention(nn.Module):
         """Projects source tokens (B, N, in) to keys and values, each (B, N, heads, head_dim)."""
         return self._split(self.key(source)), self._split(self.value(source))
 
-    def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], deterministic: bool) -> jax.Array:
-        """Queries from x (B, L, width) attend over kv; returns the output projection (B, L, width)."""
+    def __call__(self, x: jax.Array, kv: tuple[jax.Array, jax.Array], deterministic: bool,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """Queries from x (B, L, width) attend over kv; returns the output projection (B, L, width).
+        ``mask``: bool, broadcastable to (B, heads, L, N), True where a query may attend to a key."""
         keys, values = kv
         head_dim = self.width // self.num_heads
         q = self._split(self.query(x)) / jnp.sqrt(head_dim).astype(self.dtype)
-        logits = jnp.einsum("blhd,bnhd->bhln", q, keys.astype(self.dtype))
-        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        logits = jnp.einsum("blhd,bnhd->bhln", q, keys.astype(self.dtype)).astype(jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         probs = self.attn_dropout(probs, deterministic=deterministic)
         ctx = jnp.einsum("bhln,bnhd->blhd", probs, values.astype(self.dtype))
         return self.out(ctx.reshape(ctx.shape[:-2] + (self.width,)))
@@ -274,14 +278,24 @@ class DiffuserBlock(nn.Module):
         """This block's cross-attention keys and values for image tokens (B, N, cond_dim)."""
         return self.cross_attn.key_value(cond_tokens)
 
-    def __call__(self, h: jax.Array, cross_kv: tuple[jax.Array, jax.Array], deterministic: bool) -> jax.Array:
+    def self_key_value(self, h: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The self-attention keys and values of the block input h (B, L, width): what a key/value cache of an
+        autoregressive decoder stores per position."""
+        return self.self_attn.key_value(self.self_attn_norm(h) if self.config.block_norm == "pre" else h)
+
+    def __call__(self, h: jax.Array, cross_kv: tuple[jax.Array, jax.Array], deterministic: bool,
+                 self_kv: tuple[jax.Array, jax.Array] | None = None, mask: jax.Array | None = None) -> jax.Array:
+        """One block. ``self_kv``: the self-attention keys/values (default: ``self_key_value(h)``; an
+        autoregressive decoder passes its cache); ``mask`` restricts the self-attention (e.g. causal)."""
         drop = functools.partial(self.drop, deterministic=deterministic)
-        if self.config.block_norm == "pre":
-            y = self.self_attn_norm(h)
-            h = h + drop(self.self_attn(y, self.self_attn.key_value(y), deterministic))
+        pre = self.config.block_norm == "pre"
+        y = self.self_attn_norm(h) if pre else h
+        kv = self.self_attn.key_value(y) if self_kv is None else self_kv
+        if pre:
+            h = h + drop(self.self_attn(y, kv, deterministic, mask))
             h = h + drop(self.cross_attn(self.cross_attn_norm(h), cross_kv, deterministic))
             return h + drop(self.mlp(self.mlp_norm(h)))
-        h = self.self_attn_norm(h + drop(self.self_attn(h, self.self_attn.key_value(h), deterministic)))
+        h = self.self_attn_norm(h + drop(self.self_attn(h, kv, deterministic, mask)))
         h = self.cross_attn_norm(h + drop(self.cross_attn(h, cross_kv, deterministic)))
         return self.mlp_norm(h + drop(self.mlp(h)))
 
