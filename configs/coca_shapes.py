@@ -61,7 +61,10 @@ def get_config(arg=None):
 
     c.log_every = 50
     c.checkpoint = dict(every_steps=500, keep=3)
-    c.eval = dict(every_steps=0, at_end=True, sampling_steps=(MAX_LENGTH - 1,), limit=0)
+    # The model's own CLIP scores the captions (no prompt: it was trained on bare captions), and its retrieval
+    # recall and zero-shot probe accuracies are measured (clip_model_metrics).
+    c.eval = dict(every_steps=0, at_end=True, sampling_steps=(MAX_LENGTH - 1,), limit=0, clip="self",
+                  clip_prompt="", clip_model_metrics=True)
 
     if arg.runlocal:
         c.total_steps = arg.steps or 4

@@ -80,7 +80,9 @@ def get_config(arg=None):
 
     c.log_every = 100
     c.checkpoint = dict(every_steps=2000, keep=3)
-    c.eval = dict(every_steps=10000, at_end=True, sampling_steps=(5, 30), limit=0)
+    # CLIPScore / RefCLIPScore (DESIGN §8) with OpenAI's CLIP ViT-B/32 (a local directory or a cached hub id).
+    c.eval = dict(every_steps=10000, at_end=True, sampling_steps=(5, 30), limit=0,
+                  clip="openai/clip-vit-base-patch32", clip_prompt="A photo depicts ", clip_model_metrics=False)
 
     if arg.runlocal:
         c.total_steps = arg.steps or 2
@@ -95,6 +97,6 @@ def get_config(arg=None):
         c.model.stats_batches = 1
         c.log_every = 1
         c.checkpoint.every_steps = 1
-        c.eval.update(every_steps=0, sampling_steps=(2,), limit=8)
+        c.eval.update(every_steps=0, sampling_steps=(2,), limit=8, clip="")
         c.sampler.steps = 2
     return c

@@ -82,7 +82,8 @@ def get_config(arg=None):
 
     c.log_every = 100
     c.checkpoint = dict(every_steps=2000, keep=3)
-    c.eval = dict(every_steps=0, at_end=True, sampling_steps=(5, 10), limit=0)
+    c.eval = dict(every_steps=0, at_end=True, sampling_steps=(5, 10), limit=0,
+                  clip="openai/clip-vit-base-patch32", clip_prompt="A photo depicts ", clip_model_metrics=False)
 
     if arg.runlocal:
         # The release's tensor names with every width shrunk: text/latent 16 (diffuser 32), FFNs 64,
@@ -98,6 +99,6 @@ def get_config(arg=None):
         c.model.stats_batches = 1
         c.log_every = 1
         c.checkpoint.every_steps = 1
-        c.eval.update(sampling_steps=(2,), limit=4)
+        c.eval.update(sampling_steps=(2,), limit=4, clip="")
         c.sampler.steps = 2
     return c

@@ -75,7 +75,10 @@ def get_config(arg=None):
 
     c.log_every = 50
     c.checkpoint = dict(every_steps=500, keep=3)
-    c.eval = dict(every_steps=0, at_end=True, sampling_steps=(5, 30), limit=0)
+    # CLIPScore with the shapes CLIP when one is given (tower=DIR, or --config.eval.clip=DIR); it was trained on
+    # bare captions, so no "A photo depicts" prompt.
+    c.eval = dict(every_steps=0, at_end=True, sampling_steps=(5, 30), limit=0, clip=arg.tower, clip_prompt="",
+                  clip_model_metrics=False)
 
     if arg.tower:
         c.model.image = dict(pretrained=arg.tower, kind="clip_vision", config=None, normalize_tokens=True)

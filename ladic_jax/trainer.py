@@ -33,6 +33,7 @@ from ladic_jax import distributed
 from ladic_jax import optim
 from ladic_jax import sharding
 from ladic_jax.data import pipeline
+from ladic_jax.evaluation import report
 from ladic_jax.evaluation.evaluator import Evaluator
 from ladic_jax.families.base import Family, get_family
 from ladic_jax.metric_writer import MetricWriter, Progress
@@ -60,6 +61,10 @@ def _validate_run(config) -> None:
     c.require_nonnegative(config, "eval.limit", integer=True)
     for i, n in enumerate(config.eval.sampling_steps):
         c.check(isinstance(n, int) and n > 0, f"config.eval.sampling_steps[{i}]", f"must be a positive int, got {n!r}")
+    for name, kind, what in (("clip", str, '"" (none), "self" (the model\'s own) or a CLIP directory / hub id'),
+                             ("clip_prompt", str, "a str"), ("clip_model_metrics", bool, "a bool")):
+        value = config.eval.get(name, kind())
+        c.check(isinstance(value, kind), f"config.eval.{name}", f"must be {what}, got {value!r}")
 
 
 def total_steps(config) -> int:
@@ -345,12 +350,18 @@ def _check_finite(metrics, step: int, checkpointer) -> None:
 def _evaluate(evaluator: Evaluator, state, step, workdir, config, writer) -> dict[str, Any]:
     out = {}
     for n_steps in config.eval.sampling_steps:
+        tag = "" if n_steps == config.sampler.steps else f"_s{n_steps}"
+        if step in report.evaluated_steps(workdir, tag):  # a finished run started again
+            if jax.process_index() == 0:
+                print(f"[eval] step {step}, {n_steps} sampling steps: already evaluated "
+                      f"({report.metrics_path(workdir, step, tag)})", flush=True)
+            continue
         t0 = time.perf_counter()
         res = evaluator.run(state["params"], step=step, workdir=workdir, steps=n_steps,
-                            limit=config.eval.get("limit") or None,
-                            tag="" if n_steps == config.sampler.steps else f"_s{n_steps}")
+                            limit=config.eval.get("limit") or None, tag=tag)
         if jax.process_index() == 0:
-            shown = {k: res[k] for k in ("bleu_4", "cider", "meteor", "rouge_l") if res.get(k) is not None}
+            shown = {k: res[k] for k in ("bleu_4", "cider", "meteor", "rouge_l", "clip_score", "sem_fully_correct",
+                                         "clip_i2t_recall@1") if res.get(k) is not None}
             print(f"[eval] step {step}, {n_steps} sampling steps, {res['num_images']} images "
                   f"({time.perf_counter() - t0:.0f}s): " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()),
                   flush=True)

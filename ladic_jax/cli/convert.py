@@ -1,6 +1,8 @@
-"""ladic-convert: turn an external checkpoint into a ladic_jax run directory.
+"""ladic-convert: turn an external checkpoint into a ladic_jax run directory, or a run's pretrained towers
+into a Hugging Face checkpoint directory.
 
   ladic-convert official --checkpoint pytorch_model.bin --stats_dir LaDiC/datasets --workdir runs/official
+  ladic-convert clip --workdir runs/coca --out runs/coca/clip
 """
 
 from __future__ import annotations
@@ -30,8 +32,25 @@ def main(argv=None) -> None:
     o.add_argument("--workdir", required=True, help="output run directory (must hold no checkpoint yet)")
     o.add_argument("--config", default=None, metavar="FILE.py[:ARGS]",
                    help=f"the model variant's config (default: {DEFAULT_OFFICIAL_CONFIG})")
+    c = sub.add_parser("clip", help="export the CLIP towers of a run (e.g. of configs/coca_shapes.py) in the "
+                       "Hugging Face CLIP layout", description="Writes config.json, model.safetensors, the tokenizer "
+                       "and preprocessor_config.json; other configs load the directory as pretrained weights "
+                       "(e.g. configs/ladic_shapes.py:tower=DIR). With the patch stem, PyTorch "
+                       "transformers.CLIPModel.from_pretrained loads it too.")
+    c.add_argument("--workdir", required=True, help="a run directory written by ladic-train")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
     args, overrides = common.parse(p, argv)
     common.setup_logging()
+    if args.source == "clip":
+        from ladic_jax.checkpoint import CheckpointError
+        from ladic_jax.run_export import export_clip_of_run
+        try:
+            path, step = export_clip_of_run(args.workdir, args.out, step=args.step)
+        except (FileNotFoundError, ValueError, CheckpointError) as e:
+            common.fail(str(e))
+        print(f"[convert] CLIP of {args.workdir} step {step} -> {path}", flush=True)
+        return
     spec = args.config or str(DEFAULT_OFFICIAL_CONFIG)
     if not args.config and not DEFAULT_OFFICIAL_CONFIG.exists():
         common.fail(f"{DEFAULT_OFFICIAL_CONFIG} not found (not a source checkout): pass --config "

@@ -16,7 +16,10 @@ def main(argv=None) -> None:
         prog="ladic-eval", description="Evaluate every checkpoint of a run (or --step N), skipping those "
         "already evaluated; writes WORKDIR/eval/step_<N>.json, a table and a plot of metrics against step.",
         epilog=common.OVERRIDE_HELP)
-    p.add_argument("--workdir", required=True, help="a run directory written by ladic-train")
+    p.add_argument("--workdir", help="a run directory written by ladic-train")
+    p.add_argument("--compare", nargs="+", metavar="RUN[:TAG]", default=None,
+                   help="instead of evaluating, print a table comparing the newest evaluations of runs (TAG: the "
+                        "evaluation's file tag, e.g. runs/ladic:_s30; default: the run's own sampler settings)")
     p.add_argument("--step", type=_ints, default=None, help="checkpoint step(s), comma-separated")
     p.add_argument("--sampling-steps", type=_ints, default=None,
                    help="denoising steps, comma-separated (default: the config's sampler.steps)")
@@ -32,6 +35,19 @@ def main(argv=None) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--force", action="store_true", help="re-evaluate checkpoints already evaluated")
     args, overrides = common.parse(p, argv)
+    if args.compare:
+        from ladic_jax.evaluation import report
+        rows = []
+        for spec in args.compare:
+            run, _, tag = spec.partition(":")
+            try:
+                rows.append((spec, report.latest_eval(run, tag)))
+            except (FileNotFoundError, ValueError) as e:
+                common.fail(str(e))
+        print(report.format_comparison(rows), end="")
+        return
+    if not args.workdir:
+        p.error("the following arguments are required: --workdir (or --compare)")
     if args.back_refine:
         overrides.append("sampler.back_refine.enabled=true")
     common.setup_logging()

@@ -89,7 +89,8 @@ class Evaluator:
         self.mesh = mesh
         self._sample_fns = sampler_lib.SampleFns(family, mesh)
         self._scorer = None  # one METEOR JVM for all evaluations of this evaluator
-        self._loaded_clip = None  # the CLIP of config.eval.clip, when it names a checkpoint
+        self._loaded_clip = None  # the CLIP of config.eval.clip, when it names a checkpoint: loaded now, so
+        self._clip_scorer(None)   # that a missing one stops a run at its start, not at its first evaluation
         self.data_counts, self.skipped = bad_records.Counts(), []  # of the last caption_batches
 
     def _clip_scorer(self, params) -> clip_score.ClipScorer | None:
@@ -97,7 +98,7 @@ class Evaluator:
         params), or a CLIP directory / hub id (loaded once, placed on the mesh)."""
         spec = self.config.eval.get("clip", "") or ""
         prompt = self.config.eval.get("clip_prompt", clip_score.DEFAULT_PROMPT)
-        if not spec:
+        if not spec or (spec == "self" and params is None):
             return None
         if spec == "self":
             own = self.family.own_clip(params)
@@ -109,7 +110,10 @@ class Evaluator:
             return clip_score.ClipScorer(module, clip_params, cfg, self.family.tokenizer, inp.image_mean,
                                          inp.image_std, prompt=prompt)
         if self._loaded_clip is None:
-            self._loaded_clip = clip_score.ClipScorer.load(spec, prompt=prompt)
+            try:
+                self._loaded_clip = clip_score.ClipScorer.load(spec, prompt=prompt)
+            except (FileNotFoundError, ValueError) as e:
+                raise type(e)(f"config.eval.clip={spec!r}: {e}") from e
             self._loaded_clip.params = jax.jit(lambda p: p, out_shardings=sharding.replicated(self.mesh))(
                 jax.tree.map(np.asarray, self._loaded_clip.params))
         return self._loaded_clip

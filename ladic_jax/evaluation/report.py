@@ -325,6 +325,38 @@ def format_table(evals: Evals, sampler_fields: Sequence[str] = (), show_tag: boo
     return "\n".join([caption, lines[0], rule] + lines[1:]) + "\n"
 
 
+# Columns of `format_comparison`: (key, title, scale, format).
+COMPARISON_COLUMNS = (("bleu_4", "B@4", 100, ".1f"), ("cider", "CIDEr", 100, ".1f"), ("meteor", "METEOR", 100, ".1f"),
+                      ("clip_score", "CLIP-S", 100, ".1f"), ("ref_clip_score", "RefCLIP-S", 100, ".1f"),
+                      ("sem_fully_correct", "correct%", 100, ".1f"), ("sem_object_f1", "objF1", 100, ".1f"),
+                      ("sem_relation_accuracy", "rel%", 100, ".1f"), ("seconds_per_image", "s/img", 1, ".4f"),
+                      ("sampling_steps", "steps", 1, ".0f"), ("num_images", "images", 1, ".0f"))
+
+
+def latest_eval(workdir: str | os.PathLike, tag: str = "") -> dict:
+    """The evaluation with ``tag`` of the newest evaluated checkpoint of a run (with its "step")."""
+    steps = evaluated_steps(workdir, tag)
+    if not steps:
+        have = ", ".join(repr(t) for t in eval_tags(workdir)) or "none"
+        raise FileNotFoundError(f"{workdir} has no evaluation with tag {tag!r} (tags there: {have})")
+    return {**read_eval(workdir, steps[-1], tag), "step": steps[-1]}
+
+
+def format_comparison(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
+    """A table comparing evaluations of different runs, one (label, record) per row: BLEU-4, CIDEr, METEOR,
+    CLIPScore, RefCLIPScore, semantic accuracy where known (x100), seconds per image and sampling steps."""
+    columns = [c for c in COMPARISON_COLUMNS if any(_number(r.get(c[0])) is not None for _, r in rows)]
+    header = ["run", "step"] + [title for _, title, _, _ in columns]
+    body = [[label, str(r.get("step", "-"))] + [_cell(r, key, scale=scale, fmt=fmt) for key, _, scale, fmt in columns]
+            for label, r in rows]
+    widths = [max(len(row[c]) for row in [header] + body) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header] + body]
+    note = ("scores x100; correct% = captions entirely right (shapes data), objF1 = object F1, rel% = relations "
+            "true; s/img = sampling seconds per image; steps = sequential model calls per caption")
+    return "\n".join([note, lines[0], "-" * len(lines[0])] + lines[1:]) + "\n"
+
+
 def _group_label(record: Mapping[str, Any]) -> str:
     parts = []
     if _number(record.get("sampling_steps")) is not None:

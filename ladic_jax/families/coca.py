@@ -261,12 +261,11 @@ class Coca(base.Family):
         return int(ids[0]), int(ids[1]), int(ids[1] if pad is None else pad)
 
     def decode(self, token_ids: np.ndarray) -> list[str]:
-        _, end, _ = self._start_end_pad
-        rows = []
-        for row in np.asarray(token_ids):
-            stop = np.flatnonzero(row[1:] == end)  # drop the end token and whatever follows it
-            rows.append(row[: 1 + int(stop[0])] if stop.size else row)
-        return text_lib.decode_tokens(self.tokenizer, [r.tolist() for r in rows])
+        _, end, pad = self._start_end_pad
+        ids = np.array(token_ids, copy=True)
+        after = np.cumsum(ids[:, 1:] == end, axis=1) > 0  # the end token and whatever follows it
+        ids[:, 1:][after] = pad
+        return text_lib.decode_tokens(self.tokenizer, ids)
 
     # ---- parameters ------------------------------------------------------------------------------
     def _apply(self, params, *args, method, **kw):

@@ -33,3 +33,19 @@ def make_tiny_config(data_dir: str, overrides: list[str] = ()):
         cfg.checkpoint.every_steps = 1000
     config_lib.apply_overrides(cfg, list(overrides))
     return cfg
+
+
+def make_tiny_coca_config(data_dir: str, overrides: list[str] = ()):
+    """configs/coca_shapes.py:runlocal with every network shrunk (the conv stem kept), on the tiny data."""
+    from ladic_jax import config as config_lib
+    cfg = config_lib.load_config(os.path.join(REPO, "configs/coca_shapes.py") + ":runlocal")
+    small = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    with cfg.unlocked():
+        cfg.input.dataset = "shapes_captions/tiny"
+        cfg.input.data_dir = data_dir
+        cfg.model.clip.config.vision.update(small)
+        cfg.model.clip.config.text.update(small)
+        cfg.model.clip.config.projection_dim = 16
+        cfg.model.decoder.overrides.update(width=64, depth=2, num_heads=2, mlp_dim=128)
+    config_lib.apply_overrides(cfg, list(overrides))
+    return cfg
