@@ -150,9 +150,17 @@ def sample(family: Family, params: Any, batch: dict[str, jax.Array], rng: jax.Ar
     return {"tokens": tokens, "step_tokens": jnp.swapaxes(step_tokens, 0, 1), "latent_distance": distance.T}
 
 
+def records_trajectory(family: Family) -> bool:
+    """Whether the family's states hold a clean prediction to record per step (``Family.prediction``)."""
+    return type(family).prediction is not Family.prediction
+
+
 def make_sample_fn(family: Family, sampler_cfg, trajectory: bool = False, **jit_kwargs) -> Callable:
     """jit-compiled ``fn(params, batch, rng) -> token ids`` (or the trajectory dict); one compilation per
     sampler config."""
+    if trajectory and not records_trajectory(family):
+        raise ValueError(f"family {family.name!r} has no denoising trajectory to record (--show-steps, --trajectory)")
+
     def fn(params, batch, rng):
         return sample(family, params, batch, rng, sampler_cfg, trajectory)
     return jax.jit(fn, **jit_kwargs)

@@ -33,11 +33,14 @@ def main(argv=None) -> None:
     if args.back_refine:
         overrides.append("sampler.back_refine.enabled=true")
     common.setup_logging()
+    from ladic_jax import sampler as sampler_lib
     from ladic_jax.captioning import Captioner
     sampler = {"steps": args.steps, "guidance": args.guidance, "mbr": args.mbr}
     try:
         cap = Captioner(args.workdir, step=args.step, overrides=overrides)
         timesteps = cap.loop_timesteps(**sampler)  # also checks the sampler settings
+        if args.show_steps and not sampler_lib.records_trajectory(cap.sk.family):
+            raise ValueError(f"--show-steps: the {cap.config.family!r} model has no denoising steps to show")
         if args.template is not None:
             cap.template_arrays(args.template)
     except (FileNotFoundError, ValueError) as e:

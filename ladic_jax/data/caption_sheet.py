@@ -138,7 +138,9 @@ def _builder(dataset: str, data_dir: str):
 
 
 def read_generated(path: str) -> dict[int, str]:
-    """Generated captions by image id from a JSON-lines file of records with `image_id` and `caption`."""
+    """Generated captions by image id from a JSON-lines file of records with `image_id` and `caption`; where a
+    record carries the evaluator's semantic verdict (shapes data: "ok" or what is wrong) it follows the caption
+    in brackets."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"captions file {path!r} does not exist")
     generated = {}
@@ -148,7 +150,8 @@ def read_generated(path: str) -> dict[int, str]:
                 continue
             try:
                 record = json.loads(line)
-                generated[int(record["image_id"])] = str(record["caption"])
+                verdict = f"  [{record['semantic']}]" if record.get("semantic") else ""
+                generated[int(record["image_id"])] = str(record["caption"]) + verdict
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{path}:{line_number}: expected a JSON object with an integer image_id "
                                  f"and a caption ({type(e).__name__}: {e})") from None

@@ -8,6 +8,11 @@ module with one set of weights:
     latent = bert.apply(v, hidden, mask, 0, k, method="encode")          # lower half
     logits = bert.apply(v, bert.apply(v, latent, mask, k, method="encode"), method="mlm_logits")  # upper half
 
+The optional pooler (HF `BertModel.pooler`: tanh(dense(hidden[:, 0]))) is what `VisionTextDualEncoderModel` projects
+as a text embedding (`clip.CLIP` with a `BertConfig` text tower). It has parameters only in a tree initialised through
+a method that runs it (`features`, or `load_pretrained(..., pooler=True)`): `__call__` does not, so a plain BERT tree
+has none.
+
 DistilBERT and MiniLM are the same architecture (post-LayerNorm layers, learned absolute positions); DistilBERT has
 no token-type embeddings (`type_vocab_size=0`). The MLM head owns its decoder kernel instead of referencing the word
 embeddings, so a trainer can train the head while the embeddings stay frozen; the loader fills it from the
@@ -19,6 +24,7 @@ Parameter tree (names chosen so that the HF -> Flax table in `checkpoint_names.p
     layers_{i}/attention/{query,key,value,out}, layers_{i}/attention_norm,
     layers_{i}/intermediate, layers_{i}/output, layers_{i}/output_norm
     mlm_head/transform, mlm_head/transform_norm, mlm_head/decoder/{kernel,bias}
+    pooler/{kernel,bias}                               (only when used)
 
 No dropout: these encoders are used frozen or fine-tuned without it.
 """
@@ -236,6 +242,8 @@ class Bert(nn.Module):
       - `embed(input_ids, token_type_ids=None)` -> (B, L, H) embedding output.
       - `encode(hidden, attention_mask, start=0, end=None, return_all=False)` runs layers [start, end).
       - `mlm_logits(hidden, vocab_ids=None)` -> (B, L, vocab) MLM logits, or (B, L, K) for the K ids given.
+      - `pool(hidden)` -> (B, H) HF's pooler output tanh(dense(hidden[:, 0])); `features(input_ids, attention_mask,
+        token_type_ids=None)` -> (last hidden state, pooled), HF `BertModel`'s outputs (no MLM head involved).
       - `__call__(input_ids, attention_mask, token_type_ids=None)` -> MLM logits of the full model (touches every
         parameter, so it is the method to `init` with).
     """
@@ -249,6 +257,7 @@ class Bert(nn.Module):
         self.embeddings = BertEmbeddings(self.config, **kwargs)
         self.layers = [BertLayer(self.config, **kwargs) for _ in range(self.config.num_layers)]
         self.mlm_head = MlmHead(self.config, **kwargs)
+        self.pooler = nn.Dense(self.config.hidden_size, kernel_init=KERNEL_INIT, **kwargs)  # params only if used
 
     def embed(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
         """Token ids (B, L) -> embeddings (B, L, H) after the embedding LayerNorm."""
@@ -299,6 +308,17 @@ class Bert(nn.Module):
         With `vocab_ids` (K,), only those entries are scored: logits (B, L, K), column k for token vocab_ids[k].
         """
         return self.mlm_head(hidden, vocab_ids)
+
+    def pool(self, hidden: jax.Array) -> jax.Array:
+        """Final hidden states (B, L, H) -> HF's pooler output tanh(dense(hidden[:, 0])) (B, H)."""
+        return jnp.tanh(self.pooler(hidden[:, 0]))
+
+    def features(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None, token_type_ids: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """(last hidden state (B, L, H), pooled (B, H)), as HF `BertModel`'s last_hidden_state and pooler_output."""
+        hidden = self.encode(self.embed(input_ids, token_type_ids), attention_mask)
+        return hidden, self.pool(hidden)
 
     def __call__(
         self, input_ids: jax.Array, attention_mask: jax.Array | None, token_type_ids: jax.Array | None = None

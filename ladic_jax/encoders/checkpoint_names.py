@@ -175,6 +175,11 @@ BERT_HEAD: tuple[Row, ...] = (
     ("dense", "decoder", "mlm_head/decoder"),
 )
 BERT_HEAD_TIED_BIAS = "bias"
+# HF `BertModel.pooler` (tanh(dense(hidden[:, 0]))): read only when asked for (a dual encoder's text tower, or
+# `load_pretrained(..., pooler=True)`); otherwise ignored as in `BERT_UNUSED`.
+BERT_POOLER: tuple[Row, ...] = (
+    ("dense", "pooler.dense", "pooler"),
+)
 
 DISTILBERT_EMBEDDINGS: tuple[Row, ...] = BERT_EMBEDDINGS
 DISTILBERT_LAYERS: tuple[Row, ...] = (
@@ -267,8 +272,9 @@ BUFFERS: tuple[tuple[str, str], ...] = (
     (r"(^|\.)position_ids$", "position-id buffer, not a parameter"),
     (r"(^|\.)token_type_ids$", "token-type-id buffer, not a parameter"),
 )
+BERT_POOLER_UNUSED = (r"^(bert\.)?pooler\.", "BERT pooler (classification / NSP), not asked for")
 BERT_UNUSED: tuple[tuple[str, str], ...] = (
-    (r"^(bert\.)?pooler\.", "BERT pooler (classification / NSP), not part of these encoders"),
+    BERT_POOLER_UNUSED,
     (r"^cls\.seq_relationship\.", "next-sentence-prediction head"),
 )
 

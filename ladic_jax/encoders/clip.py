@@ -1,4 +1,5 @@
-"""CLIP: text transformer + vision transformer + projections, matching HF `CLIPModel`.
+"""CLIP: text transformer + vision transformer + projections, matching HF `CLIPModel` (or, with a BERT text tower,
+HF `VisionTextDualEncoderModel` with a CLIP vision tower).
 
 Used by CLIP-DiffusionLM and Prefix-diffusion for image features, and by every family for CLIPScore and
 candidate re-ranking. Semantics follow transformers 5:
@@ -9,10 +10,14 @@ candidate re-ranking. Semantics follow transformers 5:
 - Text pooling takes the hidden state at the end-of-text token: if the config's `eos_token_id` is 2 (configs
   saved before transformers PR #24773) the position of the largest token id, otherwise the first position holding
   `eos_token_id`. The text tower is causal, and padding (attention_mask 0) is masked as well.
+- With `CLIPConfig.text` a `BertConfig` (model_type "bert", e.g. MiniLM), the text tower is `bert.Bert` and the pooled
+  text state is BERT's pooler output tanh(dense(hidden[:, 0])), as `VisionTextDualEncoderModel` takes it; projections
+  (no bias) and the logit scale (exp, unclamped) are the same.
 
 Pixels are NHWC, already resized and normalised (CLIP mean/std).
 Parameter tree: `text_model/{embeddings/{token_embedding,position_embedding}, layers_{i}, final_layer_norm}`,
-`vision_model/...` (see `vit.py`), `text_projection/kernel`, `visual_projection/kernel`, `logit_scale`.
+`vision_model/...` (see `vit.py`), `text_projection/kernel`, `visual_projection/kernel`, `logit_scale`. A BERT text
+tower has `text_model/{embeddings/..., layers_{i}/..., pooler}` (see `bert.py`; no MLM head).
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ import jax.numpy as jnp
 
 from ladic_jax.encoders.activations import ACTIVATIONS
 from ladic_jax.encoders.attention import KERNEL_INIT, causal_mask, padding_mask
+from ladic_jax.encoders.bert import Bert, BertConfig
 from ladic_jax.encoders.hf_config import hf_get
 from ladic_jax.encoders.pre_norm_block import PreNormBlock
 from ladic_jax.encoders.vit import ViT, ViTConfig
 
 # transformers keeps the old argmax pooling for configs whose eos_token_id is this legacy value.
 _LEGACY_EOS_TOKEN_ID = 2
+DUAL_ENCODER_MODEL_TYPE = "vision-text-dual-encoder"  # HF `VisionTextDualEncoderConfig.model_type`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,19 +87,40 @@ class CLIPTextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
-    """A CLIP model: text tower, vision tower, shared projection width and the initial logit scale."""
+    """A CLIP model: text tower (CLIP's, or a BERT's), vision tower, shared projection width, initial logit scale."""
 
-    text: CLIPTextConfig = CLIPTextConfig()
+    text: CLIPTextConfig | BertConfig = CLIPTextConfig()
     vision: ViTConfig = ViTConfig.clip_b32()
     projection_dim: int = 512
     logit_scale_init: float = 2.6592
 
+    def __post_init__(self):
+        if isinstance(self.text, BertConfig) and self.text.model_type != "bert":
+            raise ValueError(f"a BERT text tower must have model_type 'bert' (HF's {self.text.model_type} has no "
+                             "pooler for VisionTextDualEncoderModel to project)")
+
+    @property
+    def bert_text(self) -> bool:
+        """True if the text tower is a BERT (the model is then HF's `VisionTextDualEncoderModel`)."""
+        return isinstance(self.text, BertConfig)
+
     @classmethod
     def from_hf(cls, hf_config: Any) -> "CLIPConfig":
-        """From a transformers `CLIPConfig` or its config.json dict."""
+        """From a transformers `CLIPConfig`, or a `VisionTextDualEncoderConfig` with CLIP vision and BERT text
+        configs (or their config.json dicts)."""
         model_type = hf_get(hf_config, "model_type", None)
+        if model_type == DUAL_ENCODER_MODEL_TYPE:
+            text, vision = hf_get(hf_config, "text_config"), hf_get(hf_config, "vision_config")
+            types = (hf_get(text, "model_type", None), hf_get(vision, "model_type", None))
+            if types != ("bert", "clip_vision_model"):
+                raise ValueError(f"only a dual encoder of a BERT text and a CLIP vision tower is supported; its "
+                                 f"text/vision model_types are {types}")
+            return cls(text=BertConfig.from_hf(text), vision=ViTConfig.from_hf(vision),
+                       projection_dim=hf_get(hf_config, "projection_dim"),
+                       logit_scale_init=hf_get(hf_config, "logit_scale_init_value", 2.6592))
         if model_type != "clip":
-            raise ValueError(f"expected a CLIP config (model_type 'clip'), got model_type={model_type!r}")
+            raise ValueError(f"expected a CLIP config (model_type 'clip' or {DUAL_ENCODER_MODEL_TYPE!r}), got "
+                             f"model_type={model_type!r}")
         text = hf_get(hf_config, "text_config")
         if isinstance(text, dict):
             text = {"model_type": "clip_text_model", **text}
@@ -185,7 +213,7 @@ class CLIP(nn.Module):
     def setup(self):
         c = self.config
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.text_model = CLIPTextTransformer(c.text, **kwargs)
+        self.text_model = Bert(c.text, **kwargs) if c.bert_text else CLIPTextTransformer(c.text, **kwargs)
         self.vision_model = ViT(c.vision, **kwargs)
         self.text_projection = nn.Dense(c.projection_dim, use_bias=False, kernel_init=KERNEL_INIT, **kwargs)
         self.visual_projection = nn.Dense(c.projection_dim, use_bias=False, kernel_init=KERNEL_INIT, **kwargs)
@@ -199,7 +227,8 @@ class CLIP(nn.Module):
 
     def get_text_features(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
         """Token ids (B, L) -> projected pooled text features (B, projection_dim), not normalised."""
-        _, pooled = self.text_model(input_ids, attention_mask)
+        tower = self.text_model.features if self.config.bert_text else self.text_model
+        _, pooled = tower(input_ids, attention_mask)
         return self.text_projection(pooled)
 
     def __call__(

@@ -111,6 +111,8 @@ def evaluate_run(workdir: str, *, steps: list[int] | None = None, sampling_steps
     if both:
         raise ValueError(f"{', '.join(both)}: set both by its flag and by --sweep")
     sk = trainer.skeleton(config)
+    if trajectory and not sampler_lib.records_trajectory(sk.family):
+        raise ValueError(f"--trajectory: the {config.family!r} model has no denoising trajectory to record")
     points = [_point_config(config, sk.family, {**fixed, **dict(zip(grid, values))})
               for values in itertools.product(*grid.values())]
     ck_steps = _checkpoint_steps(workdir)
