@@ -184,3 +184,26 @@ def test_cli_help_explains_topologies_and_exit_status(capsys):
     out = capsys.readouterr().out
     for text in ("--topology", "v5e:4x4", "v4:2x2x2", "megacore", "Exit status", "--config.optim.lr"):
         assert text in out
+
+
+def test_autoregressive_captioner_compiles_and_counts_every_decoding_step():
+    """The coca family (tiny configs/coca_shapes.py) on the same slice: both programs fit, and the sampler's
+    flops count its decoding loop once per step: each of the 31 steps runs the decoder's dense layers on one
+    position per image (the image tower and the cross-attention keys/values run once)."""
+    from tiny_setup import make_tiny_coca_config
+    cfg = make_tiny_coca_config("/nonexistent", ["eval.at_end=True"])
+    with cfg.unlocked():
+        cfg.mesh = [("data", -1), ("fsdp", FSDP), ("model", 1)]
+    report = aot.check(cfg, TOPOLOGY, config_name="tiny coca")
+    assert report.fits, aot.format_report(report)
+    _, devices = aot.topology_devices(TOPOLOGY)
+    params = trainer.skeleton(aot.offline_config(cfg)[0], devices).abstract_state["params"]
+    shapes = {trainer.sharding.path_str(p): a.shape for p, a in jax.tree_util.tree_flatten_with_path(params)[0]}
+    per_position = sum(math.prod(s) for p, s in shapes.items() if p.startswith("decoder/") and p.endswith("/kernel")
+                       and not re.search(r"cross_attn/(key|value)/", p))
+    rows = cfg.input.batch_size // 4
+    _, sample = report.programs
+    assert sample.detail == f"{cfg.sampler.steps} steps" and cfg.sampler.steps == 31
+    decoding = 2 * per_position * rows * cfg.sampler.steps
+    # On top: attention over the cache, the image tower once; counted once instead of per step it would be ~1/31.
+    assert 1.0 <= sample.flops / decoding <= 3.0, sample.flops / decoding

@@ -382,19 +382,21 @@ def convert_checkpoint(
         if path not in filled and not any(path.startswith(prefix) for prefix in allow_uncovered)
     ]
 
-    problems = []
-    for title, items in (
+    _raise_problems(f"{description} does not match the module", (
         ("missing tensors (needed by a parameter, absent from the checkpoint)", missing),
         ("unused tensors (in the checkpoint, mapped to no parameter)", unused),
         ("shape mismatches", mismatched),
         ("table rules naming no parameter of the module", unknown_targets),
         ("parameters no table rule fills", uncovered),
-    ):
-        if items:
-            problems.append(f"  {title}:\n" + "\n".join(f"    {item}" for item in items))
-    if problems:
-        raise CheckpointMismatchError(f"{description} does not match the module:\n" + "\n".join(problems))
+    ))
     return Conversion(params=params, ignored=ignored, fallbacks=fallbacks)
+
+
+def _raise_problems(headline: str, sections: Sequence[tuple[str, Sequence[str]]]) -> None:
+    """Raises `CheckpointMismatchError` listing every non-empty (title, items) section, if any."""
+    problems = [f"  {title}:\n" + "\n".join(f"    {item}" for item in items) for title, items in sections if items]
+    if problems:
+        raise CheckpointMismatchError(f"{headline}:\n" + "\n".join(problems))
 
 
 def export_checkpoint(
@@ -420,17 +422,12 @@ def export_checkpoint(
     covered = {r.target for r in rules}
     uncovered = [path for path in sorted(template) if path not in covered]
     repeated = sorted(name for name, n in collections.Counter(r.source for r in rules).items() if n > 1)
-    problems = []
-    for title, items in (
+    _raise_problems(f"{description} do not match the module", (
         ("missing parameters (expected by the module, absent)", missing),
         ("extra parameters (not in the module)", extra),
         ("shape mismatches", mismatched),
         ("parameters no table rule exports", uncovered),
         ("table rules naming no parameter of the module", unknown_targets),
         ("checkpoint names written by several rules", repeated),
-    ):
-        if items:
-            problems.append(f"  {title}:\n" + "\n".join(f"    {item}" for item in items))
-    if problems:
-        raise CheckpointMismatchError(f"{description} do not match the module:\n" + "\n".join(problems))
+    ))
     return {r.source: np.asarray(r.export(np.asarray(params[r.target])), order="C") for r in rules}

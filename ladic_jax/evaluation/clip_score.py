@@ -113,7 +113,8 @@ class ClipScorer:
         channels = config.vision.num_channels
         self.image_mean = _channels(image_mean, channels, "image_mean")
         self.image_std = _channels(image_std, channels, "image_std")
-        self.max_length = config.text.max_position_embeddings
+        # CLIP's text context is 77; a BERT's 512 positions would only pad captions further.
+        self.max_length = min(config.text.max_position_embeddings, 77)
 
         def to_pixels(images, mean, std):
             return clip_pixels(images, mean, std, size=self.image_size, clip_mean=self.image_mean,
@@ -187,6 +188,8 @@ class ClipScorer:
         mask = np.asarray(encoded["attention_mask"], np.int32).reshape(len(texts), -1)
         if ids.shape[1] != self.max_length:
             raise ValueError(f"the tokenizer returned length {ids.shape[1]}, expected {self.max_length}")
+        if self.config.bert_text:  # a BERT tower pools at position 0 ([CLS]), whatever the length
+            return ids, mask
         # The tower's pooling rule (clip.py), checked against the last attended position of every row.
         eos = self.config.text.eos_token_id
         pooled = ids.argmax(1) if eos == _LEGACY_EOS_TOKEN_ID else (ids == eos).argmax(1)

@@ -22,7 +22,10 @@ Either loss may be switched off by its weight.
   the one of highest log-probability / length^penalty).
 
 Config (``config.model``):
-  clip.pretrained: None (from scratch) or a CLIP directory / hub id to start from; clip.config: the sizes
+  clip.pretrained: None (from scratch) or a CLIP directory / hub id to start from; clip.text_tower: "clip"
+    (CLIP's causal text transformer) or "bert" (a BERT pooled by its pooler, as HF's
+    VisionTextDualEncoderModel, the layout it is then exported in), with clip.text_pretrained a BERT
+    checkpoint to start it from (e.g. "minilm", the packaged MiniLM-L6) or None; clip.config: the sizes
     (``text``: CLIPTextConfig fields, ``eos_token_id`` the tokenizer's end token; ``vision``: ViTConfig
     fields, ``stem`` "patch" or "conv"; ``projection_dim``; ``logit_scale_init``);
   decoder: preset name + overrides (``models.diffuser.DiffuserConfig``);
@@ -46,6 +49,7 @@ import numpy as np
 from ladic_jax import config as config_lib
 from ladic_jax.data import text as text_lib
 from ladic_jax.encoders import loading
+from ladic_jax.encoders.bert import BertConfig
 from ladic_jax.encoders.clip import CLIP, CLIPConfig, CLIPTextConfig
 from ladic_jax.encoders.vit import ViTConfig
 from ladic_jax.families import base
@@ -178,8 +182,12 @@ def clip_config(model_cfg) -> CLIPConfig:
             raise FileNotFoundError(f"{path} not found: config.model.clip.pretrained needs its config.json")
         return CLIPConfig.from_hf(json.loads(path.read_text()))
     c = clip_cfg.config.to_dict()
-    return CLIPConfig(text=CLIPTextConfig(**c["text"]), vision=ViTConfig(**c["vision"]),
-                      projection_dim=int(c["projection_dim"]),
+    if clip_cfg.get("text_tower", "clip") == "bert":
+        text = BertConfig(**c["text"]) if c.get("text") else BertConfig.from_hf(
+            json.loads((loading.resolve_directory(clip_cfg.text_pretrained) / "config.json").read_text()))
+    else:
+        text = CLIPTextConfig(**c["text"])
+    return CLIPConfig(text=text, vision=ViTConfig(**c["vision"]), projection_dim=int(c["projection_dim"]),
                       logit_scale_init=float(c.get("logit_scale_init", CLIPConfig.logit_scale_init)))
 
 
@@ -219,6 +227,12 @@ class Coca(base.Family):
         vocab_lib.validate(config)
         c.check(bool(config.model.clip.get("pretrained")) or bool(config.model.clip.get("config")),
                 "config.model.clip", "needs `pretrained` (a CLIP directory or hub id) or `config` (the sizes)")
+        if "text_tower" in config.model.clip:
+            c.require_choice(config, "model.clip.text_tower", ("clip", "bert"))
+        if config.model.clip.get("text_tower", "clip") == "bert":
+            c.check(bool(config.model.clip.get("text_pretrained")) or bool(config.model.clip.config.get("text")),
+                    "config.model.clip.text_pretrained", "or config.model.clip.config.text (the BERT sizes) is "
+                    "needed for a BERT text tower")
         L = config.input.max_length
         steps = c.get_field(config, "sampler.steps")
         c.check(c.is_int(steps) and 1 <= steps <= L - 1, "config.sampler.steps",
@@ -276,9 +290,21 @@ class Coca(base.Family):
         return self.module.init(rng, b["tokens"], b["token_mask"], b["image"])["params"]
 
     def load_pretrained(self, abstract_params):
-        src = self.config.model.clip.get("pretrained")
+        clip_cfg = self.config.model.clip
+        src = clip_cfg.get("pretrained")
         if not src:
-            return {}, ["clip: randomly initialised"]
+            text_src = clip_cfg.get("text_pretrained") if clip_cfg.get("text_tower", "clip") == "bert" else None
+            if not text_src:
+                return {}, ["clip: randomly initialised"]
+            # A BERT text tower (with its pooler) from a BERT checkpoint, e.g. the packaged MiniLM; the rest random.
+            pre = loading.load_pretrained(text_src, "bert", pooler=True)
+            if pre.config != self.clip_config.text:
+                raise ValueError(f"config.model.clip.config.text disagrees with the config.json of {text_src}: "
+                                 f"{self.clip_config.text} vs {pre.config}")
+            flat = [(p, v) for p, v in jax.tree_util.tree_flatten_with_path(pre.params)[0]
+                    if not path_str(p).startswith("mlm_head/")]
+            return ({f"clip/text_model/{path_str(p)}": np.asarray(v) for p, v in flat},
+                    [f"clip: text tower loaded from {text_src} ({len(flat)} tensors), the rest randomly initialised"])
         pre = loading.load_pretrained(src, "clip")
         if self.config.model.clip.get("config") and pre.config != self.clip_config:
             raise ValueError(f"config.model.clip.config disagrees with the config.json of {src}: "
@@ -291,9 +317,10 @@ class Coca(base.Family):
         """The closed vocabulary's ids from one epoch of training captions (nothing else to prepare); also
         checks that the text tower pools at the tokenizer's end token."""
         start, end, pad = self._start_end_pad
-        eos = self.clip_config.text.eos_token_id
-        config_lib.check(eos == end or eos == 2, "config.model.clip.config.text.eos_token_id",
-                         f"is {eos}, but tokenizer {self.config.input.tokenizer!r} ends captions with id {end}")
+        if not self.clip_config.bert_text:  # CLIP's tower pools at the end token; a BERT's at [CLS]
+            eos = self.clip_config.text.eos_token_id
+            config_lib.check(eos == end or eos == 2, "config.model.clip.config.text.eos_token_id",
+                             f"is {eos}, but tokenizer {self.config.input.tokenizer!r} ends captions with id {end}")
         if not self.vocab_size:
             return {}, []
         seen: set[int] = set()
@@ -424,18 +451,3 @@ class Coca(base.Family):
             best = jnp.argmax(score.reshape(b, k), -1) + jnp.arange(b) * k
             ids = ids[best]
         return self._to_token_ids(params, ids)
-
-    # ---- evaluation helpers -----------------------------------------------------------------------
-    def sequence_logp(self, params, image, tokens):
-        """Teacher-forced log-probability (B,) of each caption (token ids, with start and end) given its
-        image: the quantity greedy and beam search maximise, for tests and re-ranking."""
-        classes, _ = self._to_classes(params, tokens)
-        _, end, pad = self._start_end_pad
-        img_tokens, _ = self._apply(params, image, method=CocaModel.encode_image)
-        cond = self._apply(params, img_tokens, method=CocaModel.condition)
-        logits = self._apply(params, classes[:, :-1], cond, method=CocaModel.caption_logits)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), classes[:, 1:, None], -1)[..., 0]
-        # Positions up to and including the first end token count.
-        is_end = tokens[:, 1:] == end
-        before = jnp.cumsum(is_end, 1) - is_end < 1
-        return jnp.sum(jnp.where(before, logp, 0.0), 1)

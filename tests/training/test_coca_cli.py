@@ -96,3 +96,30 @@ def test_coca_coco_config_runlocal_smoke_under_mock_data(mock_coco, tmp_path):
                     f"--config.input.data_dir={mock_coco}"])
     res = report.latest_eval(workdir)
     assert res["num_images"] == 5 and "clip_i2t_recall@1" in res and "sem_fully_correct" not in res
+
+
+def test_coca_with_a_minilm_text_tower_trains_and_exports_as_a_dual_encoder(tiny_data_dir, tmp_path):
+    """text_tower="bert" from the packaged MiniLM: its weights are loaded (pooler included), the run trains and
+    evaluates, and the export is a VisionTextDualEncoderModel directory that the loader reads back exactly."""
+    from tiny_setup import make_tiny_coca_config
+    from ladic_jax.pretrained_paths import minilm_dir
+    from ladic_jax.run_export import export_clip_of_run
+    config = make_tiny_coca_config(tiny_data_dir, ["total_steps=1", "checkpoint.every_steps=1", "eval.limit=8"])
+    with config.unlocked():
+        config.model.clip.text_tower = "bert"
+        config.model.clip.text_pretrained = "minilm"
+        config.model.clip.config.text = None
+    workdir = str(tmp_path / "run")
+    fresh, notes = trainer.fresh_state(trainer.skeleton(config), config)
+    minilm = load_pretrained(minilm_dir(), "bert", pooler=True).params
+    np.testing.assert_array_equal(np.asarray(fresh["params"]["clip"]["text_model"]["pooler"]["kernel"]),
+                                  np.asarray(minilm["pooler"]["kernel"]))
+    assert any("text tower loaded from minilm" in n for n in notes)
+    trainer.train_and_evaluate(config, workdir)
+    assert "clip_i2t_recall@1" in report.latest_eval(workdir)
+    path, step = export_clip_of_run(workdir, str(tmp_path / "export"))
+    assert json.load(open(path / "config.json"))["model_type"] == "vision-text-dual-encoder"
+    trained = trainer.restore(trainer.skeleton(config), workdir)[1]["params"]["clip"]
+    loaded = load_pretrained(path, "clip").params
+    for (p, a), b in zip(jax.tree_util.tree_flatten_with_path(trained)[0], jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(p))
