@@ -35,7 +35,8 @@ def get_config(arg=None):
         dataset="shapes_captions/default", data_dir=None, train_split="train", eval_split="test",
         image_size=64, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), max_length=32,
         tokenizer="minilm", random_resized_crop=False, crop_scale=(0.5, 1.0), flip=False,
-        shuffle_buffer=5000, batch_size=32, eval_batch_size=100, seed=0, train_captions="first")
+        shuffle_buffer=5000, batch_size=32, eval_batch_size=100, seed=0, train_captions="first",
+        train_caption_file="")
 
     split = 3
     c.model = dict(

@@ -90,6 +90,7 @@ class Checkpointer:
         self._reader = ocp.CompositeCheckpointHandler(state=ocp.StandardCheckpointHandler(),
                                                       meta=ocp.JsonCheckpointHandler())
         self._pending: int | None = None  # step of a save that may still be running in the background
+        self._closed = False
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, str(step))
@@ -101,7 +102,10 @@ class Checkpointer:
         return self._mgr.latest_step()
 
     def _save_failed(self, step: int, e: BaseException) -> CheckpointError:
+        """The error to stop the run with; orbax's threads are released now, so that none is left to print
+        tracebacks into the user's terminal after the message."""
         good = max((s for s in self._mgr.all_steps() if s != step), default=None)
+        self._release()
         good = f"the newest complete checkpoint is {self.path(good)}" if good is not None else \
             "no complete checkpoint exists"
         return CheckpointError(f"saving checkpoint {self.path(step)} failed ({_reason(e)}); {good}")
@@ -206,16 +210,20 @@ class Checkpointer:
             multihost_utils.sync_global_devices("ladic_jax.checkpoint.set_aside")
         self._mgr.reload()
 
-    def close(self) -> None:
-        """Waits for the last save (raising CheckpointError if it failed) and releases orbax's threads."""
-        try:
-            self.wait()
-        except CheckpointError:
+    def _release(self) -> None:
+        if not self._closed:
+            self._closed = True
             try:
                 self._mgr.close()
             except Exception:  # noqa: BLE001 - orbax re-raises the failure that wait() reports
                 pass
-            raise
+
+    def close(self) -> None:
+        """Waits for the last save (raising CheckpointError if it failed) and releases orbax's threads."""
+        if self._closed:
+            return
+        self.wait()
+        self._closed = True
         self._mgr.close()
 
 

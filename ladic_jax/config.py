@@ -304,8 +304,11 @@ def input_config(**overrides: Any) -> ml_collections.ConfigDict:
     fraction range), flip (mirror half the training images and swap left/right in their
     captions), shuffle_buffer (records; 0 = no shuffle), batch_size and eval_batch_size (global),
     seed, train_captions ("sample": one reference drawn per image per epoch; "first": always the
-    first reference), max_image_pixels (images declaring more pixels are decoded smaller or skipped;
-    the rules in `ladic_jax.data.bad_records`; optional, `DEFAULT_MAX_IMAGE_PIXELS` when absent).
+    first reference; "shortest": always the reference of fewest words, the first of those),
+    train_caption_file (optional: JSON lines of image_id and caption that replace the references of those
+    training images, e.g. a teacher's captions for sequence-level distillation), max_image_pixels
+    (images declaring more pixels are decoded smaller or skipped; the rules in
+    `ladic_jax.data.bad_records`; optional, `DEFAULT_MAX_IMAGE_PIXELS` when absent).
     """
     cfg = ml_collections.ConfigDict({
         "dataset": "shapes_captions/default",
@@ -325,6 +328,7 @@ def input_config(**overrides: Any) -> ml_collections.ConfigDict:
         "eval_batch_size": 64,
         "seed": 0,
         "train_captions": "sample",
+        "train_caption_file": "",
         "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
     })
     unknown = sorted(set(overrides) - set(cfg.keys()))
@@ -394,8 +398,12 @@ def validate_input(input_cfg: ml_collections.ConfigDict, *, process_count: int |
               f"must be a positive integer divisible by the number of processes ({process_count}), "
               f"got {value!r}")
     check(is_int(c.seed) and 0 <= c.seed < 2**63, f("seed"), f"must be an integer in [0, 2**63), got {c.seed!r}")
-    check(c.train_captions in ("sample", "first"), f("train_captions"),
-          f"must be 'sample' (one reference drawn per image per epoch) or 'first', got {c.train_captions!r}")
+    check(c.train_captions in ("sample", "first", "shortest"), f("train_captions"),
+          f"must be 'sample' (one reference drawn per image per epoch), 'first' or 'shortest', "
+          f"got {c.train_captions!r}")
+    if c.get("train_caption_file"):
+        check(isinstance(c.train_caption_file, str), f("train_caption_file"),
+              f"must be a path to a JSON-lines file of image_id and caption, got {c.train_caption_file!r}")
     if "max_image_pixels" in c:  # Optional: configs saved before it existed take the default.
         check(is_int(c.max_image_pixels) and c.max_image_pixels > 0, f("max_image_pixels"),
               f"must be a positive integer (pixels), got {c.max_image_pixels!r}")

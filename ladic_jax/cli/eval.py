@@ -33,6 +33,9 @@ def main(argv=None) -> None:
     p.add_argument("--trajectory", action="store_true",
                    help="record the mean latent distance to the final prediction after every denoising step")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--split", default=None, help="a split other than the config's eval_split, e.g. train: its "
+                   "evaluation is tagged _<split> (e.g. eval/step_N_train_captions.jsonl, which "
+                   "--config.input.train_caption_file accepts for sequence-level distillation)")
     p.add_argument("--force", action="store_true", help="re-evaluate checkpoints already evaluated")
     args, overrides = common.parse(p, argv)
     if args.compare:
@@ -57,7 +60,7 @@ def main(argv=None) -> None:
         sweep = offline.parse_sweep(args.sweep) if args.sweep else None
         offline.evaluate_run(args.workdir, steps=args.step, sampling_steps=args.sampling_steps,
                              guidance=args.guidance, mbr=args.mbr, sweep=sweep, trajectory=args.trajectory,
-                             limit=args.limit, force=args.force, overrides=overrides)
+                             limit=args.limit, force=args.force, overrides=overrides, split=args.split)
     except (FileNotFoundError, ValueError, CheckpointError) as e:
         common.fail(str(e))
 

@@ -52,6 +52,7 @@ Bad records
 from __future__ import annotations
 
 import collections
+import json
 import importlib
 import logging
 import math
@@ -350,20 +351,45 @@ def make_train_iterator(input_cfg, tokenizer=None, *, start_step: int = 0,
                         process_index)
     where = f"training split {input_cfg.train_split!r} (process {process_index} of {process_count})"
     # Every record of the slice is met within two slices' worth of consecutive records.
-    return TrainStream(ds, tokenizer, int(input_cfg.max_length),
-                       first_only=input_cfg.train_captions == "first", max_bad_batches=2 * num_local // local_batch + 2, where=where)
+    override = read_caption_file(input_cfg.get("train_caption_file") or None)
+    return TrainStream(ds, tokenizer, int(input_cfg.max_length), choice=input_cfg.train_captions,
+                       override=override, max_bad_batches=2 * num_local // local_batch + 2, where=where)
+
+
+def read_caption_file(path: str | None) -> dict[int, str]:
+    """`config.input.train_caption_file`: JSON lines of {"image_id", "caption"} (e.g. an evaluator's
+    `eval/step_<N>_captions.jsonl` over the training split), normalised; {} without a path."""
+    if not path:
+        return {}
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(f"config.input.train_caption_file={path!r} does not exist")
+    out = {}
+    with tf.io.gfile.GFile(path) as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                out[int(record["image_id"])] = text.normalize_caption(str(record["caption"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"config.input.train_caption_file={path!r}, line {number}: expected a JSON "
+                                 f"object with an integer image_id and a caption ({type(e).__name__}: {e})") from None
+    if not out:
+        raise ValueError(f"config.input.train_caption_file={path!r} holds no captions")
+    return out
 
 
 class TrainStream:
     """The training batches of `make_train_iterator`, and counts of what the bad-record rules did."""
 
-    def __init__(self, ds: tf.data.Dataset, tokenizer, max_length: int, *, first_only: bool,
-                 max_bad_batches: int, where: str):
+    def __init__(self, ds: tf.data.Dataset, tokenizer, max_length: int, *, choice: str,
+                 max_bad_batches: int, where: str, override: dict[int, str] | None = None):
         self._batches = iter(ds)
         self._ahead: collections.deque = collections.deque()  # Checked batches read ahead.
         self._tokenizer = tokenizer
         self._max_length = max_length
-        self._first_only = first_only
+        self._choice = choice
+        self._override = override or {}
         self._max_bad_batches = max_bad_batches
         self._where = where
         self._counts = bad_records.Counts()
@@ -401,7 +427,15 @@ class TrainStream:
         captions = []
         for i in rows:
             choices = src["captions"][i]
-            caption = choices[0 if self._first_only else int(float(src["caption_u"][i]) * len(choices))]
+            image_id = int(src["image_id"][i])
+            if image_id in self._override:
+                caption = self._override[image_id]
+            elif self._choice == "first":
+                caption = choices[0]
+            elif self._choice == "shortest":  # fewest words; the first of those
+                caption = min(choices, key=lambda c: len(c.split()))
+            else:
+                caption = choices[int(float(src["caption_u"][i]) * len(choices))]
             captions.append(text.swap_left_right(caption) if src["flipped"][i] else caption)
         tokens, mask = text.tokenize(self._tokenizer, captions, self._max_length)
         return {"image": src["image"][rows], "tokens": tokens, "token_mask": mask,

@@ -88,7 +88,7 @@ def parse_sweep(specs: list[str]) -> dict[str, list[str]]:
 
 def evaluate_run(workdir: str, *, steps: list[int] | None = None, sampling_steps: list[int] | None = None,
                  guidance: float | None = None, mbr: int | None = None, sweep: dict[str, list[str]] | None = None,
-                 trajectory: bool = False, limit: int | None = None, force: bool = False,
+                 trajectory: bool = False, limit: int | None = None, force: bool = False, split: str | None = None,
                  overrides: list[str] | None = None) -> dict[str, dict]:
     """Evaluates the given (default: all) checkpoints at every sampler setting asked for; skips
     evaluations already done unless ``force``.
@@ -127,13 +127,14 @@ def evaluate_run(workdir: str, *, steps: list[int] | None = None, sampling_steps
     for step in wanted:
         params = None
         for sampler_cfg in points:
-            tag = eval_tag(base.sampler, sampler_cfg)
+            tag = eval_tag(base.sampler, sampler_cfg) + split_tag(config, split)
             if not force and _done(workdir, step, tag, trajectory):
                 print(f"[eval] step {step}{tag}: already evaluated, skipping", flush=True)
                 continue
             if params is None:
                 params = trainer.restore(sk, workdir, step)[1]["params"]
             res = evaluator.run(params, step=step, workdir=workdir, limit=limit, tag=tag, sampler_cfg=sampler_cfg,
+                                split=split,
                                 trajectory=trajectory)
             if jax.process_index() == 0:
                 print(f"[eval] step {step}{tag}: BLEU-4 {res['bleu_4']:.4f} CIDEr {res['cider']:.4f} "
@@ -160,6 +161,14 @@ def _point_config(config, family, settings: dict[str, Any]) -> ml_collections.Co
     if hasattr(family, "validate"):
         family.validate(cfg)
     return sampler_config(cfg)
+
+
+def split_tag(config, split: str | None) -> str:
+    """File-tag suffix of an evaluation of another split than ``config.input.eval_split`` ("_train" for the
+    training split), so that it sits beside the run's own evaluations."""
+    if not split or split == config.input.eval_split:
+        return ""
+    return "_" + re.sub(r"[^A-Za-z0-9_.=+-]", "-", split)
 
 
 def _done(workdir: str, step: int, tag: str, trajectory: bool) -> bool:

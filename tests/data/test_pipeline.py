@@ -3,6 +3,7 @@ and on `coco_captions/2014` under `tfds.testing.mock_data`."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -446,3 +447,35 @@ def test_shapes_captions_through_the_pipeline(tmp_path):
     for image_id, refs, toks in zip(ev["image_id"], ev["references"], ev["tokens"]):
         assert refs == reference[int(image_id)] and len(refs) == 5
         assert text.decode_tokens(tokenizer, toks[None])[0] == refs[0]
+
+    # train_captions="shortest": each training image's reference of fewest words (the first of those).
+    train_refs = {int(ex["image/id"]): [text.normalize_caption(c) for c in ex["captions"]["text"]]
+                  for ex in builder.as_dataset(split="train").as_numpy_iterator()}
+    shortest = config_lib.input_config(**{**cfg.to_dict(), "train_captions": "shortest"})
+    batch = next(pipeline.make_train_iterator(shortest, tokenizer, process_index=0, process_count=1))
+    for image_id, toks in zip(batch["image_id"], batch["tokens"]):
+        refs = train_refs[int(image_id)]
+        want = next(r for r in refs if len(r.split()) == min(len(x.split()) for x in refs))
+        assert text.decode_tokens(tokenizer, toks[None])[0] == want
+
+
+def test_train_caption_file_replaces_the_references_of_its_images(data_dir, tokenizer_dir, tokenizer, tmp_path):
+    some = [TRAIN_BASE + ID_STEP * i for i in range(0, TRAIN_N, 2)]
+    path = tmp_path / "teacher.jsonl"
+    path.write_text("".join(json.dumps({"image_id": i, "caption": f"Image {i}: caption 9, RIGHT"}) + "\n"
+                            for i in some))
+    runs = _captions_by_epoch(make_cfg(data_dir, tokenizer_dir, train_caption_file=str(path)), tokenizer, 2)
+    for caps in runs:
+        for image_id, caption in caps.items():
+            if image_id in some:  # the file's caption, normalised, in every epoch
+                assert caption == f"image {image_id} caption 9 right"
+            else:
+                assert caption.split()[2] == "caption" and caption.split()[3] in "0123"
+    missing = make_cfg(data_dir, tokenizer_dir, train_caption_file=str(tmp_path / "nope.jsonl"))
+    with pytest.raises(FileNotFoundError, match=r"config\.input\.train_caption_file=.*nope\.jsonl"):
+        pipeline.make_train_iterator(missing, tokenizer, process_index=0, process_count=1)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image_id": 1, "caption": "x"}\n{"caption": "no id"}\n')
+    with pytest.raises(ValueError, match=r"train_caption_file=.*line 2"):
+        pipeline.make_train_iterator(make_cfg(data_dir, tokenizer_dir, train_caption_file=str(bad)), tokenizer,
+                                     process_index=0, process_count=1)

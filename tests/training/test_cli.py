@@ -65,6 +65,14 @@ def test_eval_cli_evaluates_every_checkpoint_and_skips_done_ones(tiny_run, capsy
     assert out.count("skipping") == 0 and capsys.readouterr().out.count("already evaluated, skipping") == 2
 
 
+def test_eval_cli_split_evaluates_another_split_beside_the_runs_own(tiny_run):
+    eval_cli.main(["--workdir", tiny_run, "--step", "4", "--sampling-steps", "2", "--limit", "8", "--split", "train"])
+    assert report.evaluated_steps(tiny_run, tag="_s2_train") == [4]
+    eval_cli.main(["--workdir", tiny_run, "--step", "4", "--sampling-steps", "2", "--limit", "8"])  # (done: skipped)
+    train_ids = {r["image_id"] for r in report.read_captions(tiny_run, 4, "_s2_train")}
+    assert len(train_ids) == 8 and not train_ids & {r["image_id"] for r in report.read_captions(tiny_run, 4, "_s2")}
+
+
 def test_eval_cli_unknown_step_fails_clearly(tiny_run, capsys):
     with pytest.raises(SystemExit):
         eval_cli.main(["--workdir", tiny_run, "--step", "3"])
@@ -158,7 +166,7 @@ def test_eval_cli_sweep_writes_the_grid_and_skips_done_points(tiny_run, capsys, 
     from ladic_jax.evaluation import offline
     calls = []
 
-    def fake_run(self, params, *, step, workdir, limit, tag, sampler_cfg, trajectory):
+    def fake_run(self, params, *, step, workdir, limit, tag, sampler_cfg, trajectory, split=None):
         calls.append((sampler_cfg.steps, sampler_cfg.guidance, sampler_cfg.mbr))
         res = {"num_images": 1, "sampling_steps": sampler_cfg.steps, "guidance": sampler_cfg.guidance,
                "sampler": sampler_cfg.to_dict(), "bleu_4": 0.1 * sampler_cfg.steps, "meteor": 0.2,
