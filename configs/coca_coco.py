@@ -64,6 +64,7 @@ def get_config(arg=None):
 
     c.total_steps = arg.steps
     c.num_epochs = 10
+    c.stop_at_step = 0  # > 0: stop there with a checkpoint (resumable), keeping the schedule of total_steps
     c.optim = dict(lr=5e-5, warmup=0.05, decay="cosine", end_lr_factor=0.0, weight_decay=0.05,
                    b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0, frozen=[])
     c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]

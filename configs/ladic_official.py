@@ -73,6 +73,7 @@ def get_config(arg=None):
 
     c.total_steps = arg.steps or RELEASE_STEPS
     c.num_epochs = 0
+    c.stop_at_step = 0  # > 0: stop there with a checkpoint (resumable), keeping the schedule of total_steps
     c.optim = dict(lr=5e-5, warmup=0.1, decay="linear", end_lr_factor=0.0, weight_decay=0.01,
                    b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
                    frozen=[FROZEN_TEXT, FROZEN_IMAGE, r"^latent_(mean|std)$", r"^diffuser/null_condition$"])

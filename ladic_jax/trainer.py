@@ -55,6 +55,8 @@ def _validate_run(config) -> None:
     else:
         c.require_positive(config, "num_epochs")
     c.require_positive(config, "log_every", integer=True)
+    if config.get("stop_at_step"):  # optional: 0 / absent = run to the end
+        c.require_positive(config, "stop_at_step", integer=True)
     c.require_positive(config, "checkpoint.every_steps", integer=True)
     c.require_positive(config, "checkpoint.keep", integer=True)
     c.require_nonnegative(config, "eval.every_steps", integer=True)
@@ -306,11 +308,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 writer.write(step, m, prefix="train/")
                 _log_bad_records(writer, step, batches.pop_counts())
                 last.update(m)
-            if stop.requested(step):
+            if stop.requested(step) or step == config.get("stop_at_step") != s.total_steps:
                 _check_finite(jax.device_get(metrics), step, checkpointer)
                 save(step)
                 checkpointer.wait()
-                print(f"[train] stopped at step {step}; checkpoint saved, resume by running again", flush=True)
+                why = "" if stop.signal else " (config.stop_at_step)"
+                print(f"[train] stopped at step {step}{why}; checkpoint saved, resume by running again", flush=True)
                 checkpointer.close()
                 writer.close()
                 evaluator.close()

@@ -10,8 +10,10 @@ Each variant is one training run of max(steps) steps that keeps a checkpoint at 
 learning-rate schedule is that of the longest run: an early checkpoint is a run cut short, not a shorter run
 with its schedule completed); each checkpoint is then evaluated on the test split (LaDiC: 5 DDIM steps;
 the autoregressive captioner: greedy). Training time is the sum over logged intervals of steps / (steps/s),
-so it excludes evaluation and start-up. Writes OUT/curve.md (a table) and OUT/curve.png (plots against steps
-and against training time). Re-running resumes unfinished runs and skips done evaluations.
+so it excludes evaluation and start-up. Writes OUT/curve.md (a table) and OUT/curve.png (plots against
+steps and against training time). Re-running resumes unfinished runs and skips done evaluations; a variant
+written NAME:UNTIL stops at step UNTIL (its schedule still that of max(steps)), so that a later run with a
+larger UNTIL, or none, extends its curve.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def _train_seconds(workdir: str) -> dict[int, float]:
     return out
 
 
-def run_variant(name: str, spec: str, steps: list[int], data_dir: str, workdir: str) -> dict[int, dict]:
+def run_variant(name: str, spec: str, steps: list[int], data_dir: str, workdir: str,
+                until: int | None = None) -> dict[int, dict]:
     from ladic_jax import config as config_lib
     from ladic_jax import trainer
     from ladic_jax.evaluation import offline, report
@@ -52,8 +55,12 @@ def run_variant(name: str, spec: str, steps: list[int], data_dir: str, workdir: 
     every = math.gcd(*steps)
     config = config_lib.load_config(os.path.join(REPO, spec) + ("," if ":" in spec else ":") + f"steps={max(steps)}")
     config_lib.apply_overrides(config, [f"input.data_dir={data_dir}", f"checkpoint.every_steps={every}",
-                                        f"checkpoint.keep={max(steps) // every + 1}", "eval.at_end=false"])
-    print(f"== {name}: {spec}, {max(steps)} steps, checkpoints every {every}", flush=True)
+                                        f"checkpoint.keep={max(steps) // every + 1}", "eval.at_end=false",
+                                        f"stop_at_step={until or 0}"])
+    if until:
+        steps = [s for s in steps if s <= until]
+    print(f"== {name}: {spec}, {max(steps)} steps, checkpoints every {every}"
+          + (f", stopping at {until} (resumable)" if until else ""), flush=True)
     trainer.train_and_evaluate(config, workdir)
     sampling = [5] if config.family == "ladic" else None
     offline.evaluate_run(workdir, steps=steps, sampling_steps=sampling)
@@ -110,17 +117,20 @@ def main(argv=None) -> None:
     p.add_argument("--tower", default=None, help="the exported shapes CLIP (ladic-convert clip), for 'tower'")
     args = p.parse_args(argv)
     steps = sorted({int(s) for s in args.steps.split(",") if s})
-    variants = [v for v in args.variants.split(",") if v]
+    variants = dict(v.partition(":")[::2] for v in args.variants.split(",") if v)
     unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown or not steps or min(steps) < 1:
-        p.error(f"--variants must be among {sorted(VARIANTS)} (got {unknown}); --steps positive ints")
+    bad_until = [u for u in variants.values() if u and not (u.isdigit() and int(u) > 0)]
+    if unknown or bad_until or not steps or min(steps) < 1:
+        p.error(f"--variants must be among {sorted(VARIANTS)}, each optionally :UNTIL (a positive step) "
+                f"(got {unknown or bad_until}); --steps positive ints")
     if "tower" in variants and not (args.tower and os.path.exists(os.path.join(args.tower, "config.json"))):
         p.error("variant 'tower' needs --tower DIR, a directory written by `ladic-convert clip`")
     os.makedirs(args.out, exist_ok=True)
     results = {}
-    for v in variants:
+    for v, until in variants.items():
         spec = VARIANTS[v][1].format(tower=os.path.abspath(args.tower or ""))
-        results[v] = run_variant(v, spec, steps, args.data_dir, os.path.join(args.out, v))
+        results[v] = run_variant(v, spec, steps, args.data_dir, os.path.join(args.out, v),
+                                 int(until) if until else None)
         write_outputs(results, args.out)
 
 

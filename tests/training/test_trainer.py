@@ -28,8 +28,11 @@ def _losses(workdir):
 def test_resume_continues_with_the_same_losses(tiny_config, tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     trainer.train_and_evaluate(tiny_config("total_steps=6", "log_every=1"), full)
-    trainer.train_and_evaluate(tiny_config("total_steps=3", "log_every=1", "checkpoint.every_steps=3"), part)
+    # A run cut short by config.stop_at_step (the checkpoint at 3 is its stop, not a periodic one).
+    trainer.train_and_evaluate(tiny_config("total_steps=6", "log_every=1", "checkpoint.every_steps=4",
+                                           "stop_at_step=3"), part)
     assert sorted(_losses(part)) == [1, 2, 3]
+    assert os.listdir(os.path.join(part, "checkpoints")) == ["3"]
     # Second start in the same workdir resumes from step 3 (data position and RNG included).
     trainer.train_and_evaluate(tiny_config("total_steps=6", "log_every=1"), part)
     a, b = _losses(full), _losses(part)
