@@ -16,6 +16,8 @@ import torch
 import transformers
 from flax import traverse_util
 
+import export_checks
+
 from ladic_jax.encoders.checkpoint_files import read_safetensors
 from ladic_jax.encoders.checkpoint_names import CheckpointMismatchError
 from ladic_jax.encoders.clip import CLIP, CLIPConfig
@@ -58,20 +60,7 @@ def _bert_config(tokenizer) -> CLIPConfig:
     return _config(vocab_size=len(tokenizer), eos_token_id=tokenizer.sep_token_id)
 
 
-def _pixels(batch: int = 2) -> np.ndarray:
-    return np.random.default_rng(1).standard_normal((batch, 3, 32, 32)).astype(np.float32)  # NCHW, as PyTorch
 
-
-def _flat(params) -> dict:
-    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
-
-
-def _assert_identical(ours, expected) -> None:
-    ours, expected = _flat(ours), _flat(expected)
-    assert sorted(ours) == sorted(expected)
-    for path, value in expected.items():
-        assert ours[path].dtype == value.dtype and ours[path].shape == value.shape, path
-        assert np.array_equal(ours[path], value), path
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +97,7 @@ def test_pytorch_clip_loads_the_export_and_matches(vocabulary, tokenizer, bert_e
     hf_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("position_ids")}
     assert {k: v.shape for k, v in read_safetensors(directory / "model.safetensors").items()} == hf_shapes
 
-    pixels = _pixels()
+    pixels = export_checks.pixels()
     with torch.no_grad():
         t_ids, t_mask, t_pixels = torch.tensor(ids), torch.tensor(mask), torch.tensor(pixels)
         ref_image = model.get_image_features(pixel_values=t_pixels).pooler_output.numpy()
@@ -136,10 +125,10 @@ def test_round_trip_is_bit_exact_for_clip_and_its_vision_tower(stem, tmp_path, c
     assert ("transformers' CLIPModel cannot" in caplog.text) == (stem == "conv")
     pre = load_pretrained(directory)  # kind "clip" from config.json
     assert pre.kind == "clip" and pre.config == config
-    _assert_identical(pre.params, params)
+    export_checks.assert_identical(pre.params, params)
     vision = load_pretrained(directory, "clip_vision")
     assert vision.config == config.vision and vision.notes.outside_subtree > 0
-    _assert_identical(vision.params, params["vision_model"])
+    export_checks.assert_identical(vision.params, params["vision_model"])
     names = read_safetensors(directory / "model.safetensors")
     stem_names = sorted(n for n in names if ".stem." in n)
     if stem == "conv":
@@ -158,7 +147,7 @@ def test_bf16_params_round_trip(tmp_path):
     params = jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), _params(config, seed=2))
     directory = export_clip(params, config, tmp_path)
     assert json.loads((directory / "config.json").read_text())["dtype"] == "bfloat16"
-    _assert_identical(load_pretrained(directory, "clip", param_dtype=jnp.bfloat16).params, params)
+    export_checks.assert_identical(load_pretrained(directory, "clip", param_dtype=jnp.bfloat16).params, params)
 
 
 def _export_error(params, config, tmp_path) -> str:

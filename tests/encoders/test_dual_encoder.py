@@ -17,6 +17,8 @@ import torch
 import transformers
 from flax import traverse_util
 
+import export_checks
+
 from ladic_jax.encoders.bert import BertConfig
 from ladic_jax.encoders.checkpoint_files import read_safetensors
 from ladic_jax.encoders.checkpoint_names import CheckpointMismatchError
@@ -62,19 +64,7 @@ def _params(config: CLIPConfig, seed: int = 0) -> dict:
                                        * rng.standard_normal(leaf.shape), jnp.float32), _shapes(config))
 
 
-def _pixels(batch: int = 2) -> np.ndarray:
-    return np.random.default_rng(1).standard_normal((batch, 3, 32, 32)).astype(np.float32)  # NCHW, as PyTorch
 
-
-def _flat(params) -> dict:
-    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
-
-
-def _assert_identical(ours, expected) -> None:
-    ours, expected = _flat(ours), _flat(expected)
-    assert sorted(ours) == sorted(expected)
-    for path, value in expected.items():
-        assert ours[path].dtype == value.dtype and np.array_equal(ours[path], value), path
 
 
 def _ours(config, params, ids, mask, pixels):
@@ -137,8 +127,8 @@ def test_pytorch_loads_the_export_and_matches(exported, texts, parity):
     hf_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert {k: v.shape for k, v in read_safetensors(directory / "model.safetensors").items()} == hf_shapes
     ids, mask = texts
-    _check(parity, "exported dual encoder tiny (BERT text)", _ours(config, params, ids, mask, _pixels()),
-           _theirs(model, ids, mask, _pixels()))
+    _check(parity, "exported dual encoder tiny (BERT text)", _ours(config, params, ids, mask, export_checks.pixels()),
+           _theirs(model, ids, mask, export_checks.pixels()))
 
 
 @pytest.mark.filterwarnings("ignore:`max_length` is ignored")  # MiniLM's tokenizer config sets one
@@ -163,17 +153,17 @@ def test_hf_saved_dual_encoder_loads_and_matches(names, hf_saved, texts, tmp_pat
     pre = load_pretrained(directory)  # auto: vision-text-dual-encoder -> "clip"
     assert pre.kind == "clip" and pre.config.bert_text and pre.config.text.hidden_size == 24
     ids, mask = texts
-    _check(parity, f"HF-saved dual encoder tiny ({names} names)", _ours(pre.config, pre.params, ids, mask, _pixels()),
-           _theirs(model, ids, mask, _pixels()))
+    _check(parity, f"HF-saved dual encoder tiny ({names} names)", _ours(pre.config, pre.params, ids, mask, export_checks.pixels()),
+           _theirs(model, ids, mask, export_checks.pixels()))
     if names == "transformers4":
-        _assert_identical(pre.params, load_pretrained(hf_saved[0]).params)
+        export_checks.assert_identical(pre.params, load_pretrained(hf_saved[0]).params)
 
 
 def test_round_trips_are_bit_exact(exported, hf_saved, tmp_path):
     directory, config, params = exported
     pre = load_pretrained(directory, "clip")
     assert pre.config == config
-    _assert_identical(pre.params, params)
+    export_checks.assert_identical(pre.params, params)
     hf_dir, _ = hf_saved  # HF file -> ours -> export: the same tensors under the same names
     loaded = load_pretrained(hf_dir)
     again = read_safetensors(export_clip(loaded.params, loaded.config, tmp_path / "again") / "model.safetensors")
@@ -186,9 +176,9 @@ def test_clip_vision_picks_the_vision_tower(exported, hf_saved):
     directory, config, params = exported
     vision = load_pretrained(directory, "clip_vision")
     assert vision.config == config.vision and vision.notes.subtree == "vision_model."
-    _assert_identical(vision.params, params["vision_model"])
+    export_checks.assert_identical(vision.params, params["vision_model"])
     hf_vision = load_pretrained(hf_saved[0], "clip_vision")
-    _assert_identical(hf_vision.params, load_pretrained(hf_saved[0]).params["vision_model"])
+    export_checks.assert_identical(hf_vision.params, load_pretrained(hf_saved[0]).params["vision_model"])
 
 
 def test_loading_names_the_missing_or_misshaped_tensor(exported, tmp_path):
