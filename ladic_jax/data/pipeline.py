@@ -52,8 +52,8 @@ Bad records
 from __future__ import annotations
 
 import collections
-import json
 import importlib
+import json
 import logging
 import math
 from collections.abc import Iterator

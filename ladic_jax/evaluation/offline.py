@@ -95,7 +95,8 @@ def evaluate_run(workdir: str, *, steps: list[int] | None = None, sampling_steps
 
     The settings are the grid ``sweep`` ({sampler field: values}), or ``sampling_steps`` (a grid over
     steps), or the run's own; ``guidance`` and ``mbr`` are fixed for all. Each evaluation is
-    WORKDIR/eval/step_<N><tag>.json (tag from ``eval_tag``, so a rerun skips it) with its captions;
+    WORKDIR/eval/step_<N><tag>.json (tag from ``eval_tag``, and ``split_tag`` when ``split`` is not the
+    config's eval split, so a rerun skips it) with its captions;
     then ``metrics.txt``/``metrics.png`` over all evaluations, and with a sweep, per checkpoint, its
     table and one plot of the metrics against each swept field (``report.write_sweep``). With
     ``trajectory``, each evaluation records the per-step latent distance to the final prediction.
@@ -134,8 +135,7 @@ def evaluate_run(workdir: str, *, steps: list[int] | None = None, sampling_steps
             if params is None:
                 params = trainer.restore(sk, workdir, step)[1]["params"]
             res = evaluator.run(params, step=step, workdir=workdir, limit=limit, tag=tag, sampler_cfg=sampler_cfg,
-                                split=split,
-                                trajectory=trajectory)
+                                split=split, trajectory=trajectory)
             if jax.process_index() == 0:
                 print(f"[eval] step {step}{tag}: BLEU-4 {res['bleu_4']:.4f} CIDEr {res['cider']:.4f} "
                       f"({res['num_images']} images)", flush=True)
