@@ -291,6 +291,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     def save(step_):
         checkpointer.save(step_, state, {"step": step_, "examples_seen": step_ * config.input.batch_size})
 
+    stop_at = config.get("stop_at_step") or 0
+    if step < s.total_steps and 0 < stop_at <= step:
+        print(f"[train] at step {step}, config.stop_at_step={stop_at}: nothing to train", flush=True)
+        checkpointer.close()
+        writer.close()
+        evaluator.close()
+        return last
     pending = None
     with _StopRequest() as stop:
         while step < s.total_steps:
@@ -308,7 +315,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 writer.write(step, m, prefix="train/")
                 _log_bad_records(writer, step, batches.pop_counts())
                 last.update(m)
-            if stop.requested(step) or step == config.get("stop_at_step") != s.total_steps:
+            if stop.requested(step) or step == stop_at != s.total_steps:
                 _check_finite(jax.device_get(metrics), step, checkpointer)
                 save(step)
                 checkpointer.wait()

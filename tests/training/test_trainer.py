@@ -33,6 +33,8 @@ def test_resume_continues_with_the_same_losses(tiny_config, tmp_path):
                                            "stop_at_step=3"), part)
     assert sorted(_losses(part)) == [1, 2, 3]
     assert os.listdir(os.path.join(part, "checkpoints")) == ["3"]
+    trainer.train_and_evaluate(tiny_config("total_steps=6", "log_every=1", "stop_at_step=3"), part)  # no-op
+    assert sorted(_losses(part)) == [1, 2, 3] and os.listdir(os.path.join(part, "checkpoints")) == ["3"]
     # Second start in the same workdir resumes from step 3 (data position and RNG included).
     trainer.train_and_evaluate(tiny_config("total_steps=6", "log_every=1"), part)
     a, b = _losses(full), _losses(part)
