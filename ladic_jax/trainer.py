@@ -291,12 +291,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     def save(step_):
         checkpointer.save(step_, state, {"step": step_, "examples_seen": step_ * config.input.batch_size})
 
+    def close_all():
+        checkpointer.close()  # (waits for the last save)
+        writer.close()
+        evaluator.close()
+
     stop_at = config.get("stop_at_step") or 0
     if step < s.total_steps and 0 < stop_at <= step:
         print(f"[train] at step {step}, config.stop_at_step={stop_at}: nothing to train", flush=True)
-        checkpointer.close()
-        writer.close()
-        evaluator.close()
+        close_all()
         return last
     pending = None
     with _StopRequest() as stop:
@@ -321,9 +324,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                 checkpointer.wait()
                 why = "" if stop.signal else " (config.stop_at_step)"
                 print(f"[train] stopped at step {step}{why}; checkpoint saved, resume by running again", flush=True)
-                checkpointer.close()
-                writer.close()
-                evaluator.close()
+                close_all()
                 return last
             if step % config.checkpoint.every_steps == 0 or step == s.total_steps:
                 _check_finite(jax.device_get(metrics), step, checkpointer)
