@@ -15,7 +15,7 @@ from ladic_jax import sharding
 from ladic_jax import trainer
 from ladic_jax.data import image_files
 from ladic_jax.data import text as text_lib
-from ladic_jax.evaluation.evaluator import mbr_sample, sampler_config
+from ladic_jax.evaluation.evaluator import clip_ranker, mbr_sample, own_clip_scorer, sampler_config
 from ladic_jax.evaluation.offline import run_config
 
 
@@ -39,6 +39,7 @@ class Captioner:
         self.step, state = found
         self.params = state["params"]
         self._sample_fns = sampler_lib.SampleFns(self.sk.family)
+        self._ranker = None  # the family's own CLIP, for sampler.mbr_metric="clip"
 
     def caption_arrays(self, images: np.ndarray, *, seed: int = 0, template: str | None = None,
                        **sampler_overrides) -> list[str]:
@@ -72,8 +73,14 @@ class Captioner:
         sample = lambda key: jax.tree.map(lambda a: np.asarray(jax.device_get(a))[:n],  # noqa: E731
                                           fn(self.params, batch, key))
         decode = lambda out: self.sk.family.decode(out["tokens"] if show_steps else out)  # noqa: E731
+        rank = None
+        if int(sampler_cfg.mbr) > 1 and sampler_cfg.mbr_metric == "clip":
+            if self._ranker is None:
+                self._ranker = own_clip_scorer(self.sk.family, self.params, self.config)
+            inp = self.config.input
+            rank = clip_ranker(self._ranker, self._ranker.image_embeddings(images[:n], inp.image_mean, inp.image_std))
         captions, chosen, outputs, _ = mbr_sample(sample, jax.random.key(seed), int(sampler_cfg.mbr), decode,
-                                                  sampler_cfg.mbr_metric)
+                                                  sampler_cfg.mbr_metric, rank)
         if not show_steps:
             return captions, None
         return captions, [self.sk.family.decode(outputs[c]["step_tokens"][i]) for i, c in enumerate(chosen)]

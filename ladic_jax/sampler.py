@@ -36,7 +36,7 @@ from ladic_jax.families.base import Family
 
 #: Sampler fields that act beside the loop (the compiled function does not depend on them).
 HOST_FIELDS = ("mbr", "mbr_metric")
-MBR_METRICS = ("bleu", "cider")
+MBR_METRICS = ("bleu", "cider", "clip")  # "clip": re-rank by the family's own CLIP image-text cosine
 
 
 def default_fields() -> dict[str, Any]:

@@ -46,16 +46,18 @@ def sampler_config(config, **overrides):
 
 
 def mbr_sample(sample: Callable[[jax.Array], Any], rng: jax.Array, n: int,
-               decode: Callable[[Any], list[str]], metric: str = "bleu"
+               decode: Callable[[Any], list[str]], metric: str = "bleu",
+               rank: Callable[[list[list[str]]], list[int]] | None = None,
                ) -> tuple[list[str], list[int], list[Any], list[list[str]]]:
-    """Minimum Bayes Risk selection (LaDiC table 7) over ``n`` sampled candidates per image.
+    """Selection among ``n`` sampled candidates per image: Minimum Bayes Risk (LaDiC table 7) or, with
+    ``metric="clip"``, re-ranking by CLIP image-text cosine (Prefix-diffusion; ``rank``, see ``clip_ranker``).
 
     Candidate 0 is ``sample(rng)`` (so n = 1 is plain sampling), candidate c ``sample(fold_in(rng, c))``.
     Each is decoded to captions; per image the candidate with the highest mean agreement with the
-    others is kept, by ``metrics.mbr_select`` (add-one smoothed sentence BLEU-4, or CIDEr-D). Selection
-    runs on the decoded words, beside the jitted sampler: that is the text the metrics score, with
-    special tokens dropped and word pieces joined, and its n(n-1) pairs per image cost far less than
-    sampling the candidates.
+    others is kept, by ``metrics.mbr_select`` (add-one smoothed sentence BLEU-4, or CIDEr-D), or the one
+    ``rank`` picks. Selection runs on the decoded words, beside the jitted sampler: that is the text the
+    metrics score, with special tokens dropped and word pieces joined, and its n(n-1) pairs per image cost
+    far less than sampling the candidates.
 
     Returns the chosen captions, the chosen candidate per image, the n raw outputs and their captions.
     """
@@ -63,8 +65,34 @@ def mbr_sample(sample: Callable[[jax.Array], Any], rng: jax.Array, n: int,
     texts = [decode(out) for out in outputs]
     if n == 1:
         return texts[0], [0] * len(texts[0]), outputs, texts
-    chosen = metrics_lib.mbr_select([list(pool) for pool in zip(*texts)], metric)
+    pools = [list(pool) for pool in zip(*texts)]
+    if metric == "clip":
+        if rank is None:
+            raise ValueError("sampler.mbr_metric='clip' needs a CLIP to rank the candidates with")
+        chosen = rank(pools)
+    else:
+        chosen = metrics_lib.mbr_select(pools, metric)
     return [texts[c][i] for i, c in enumerate(chosen)], chosen, outputs, texts
+
+
+def clip_ranker(scorer: clip_score.ClipScorer, image_emb: np.ndarray) -> Callable[[list[list[str]]], list[int]]:
+    """``rank`` for ``mbr_sample``: per image, the candidate of highest cosine between its ``scorer`` text
+    embedding and the image's embedding (``image_emb`` (B, D), L2-normalised)."""
+    def rank(pools: list[list[str]]) -> list[int]:
+        n = len(pools[0])
+        texts = scorer.text_embeddings([c for pool in pools for c in pool])
+        return metrics_lib.select_by_score(np.einsum("bd,bnd->bn", image_emb, texts.reshape(len(pools), n, -1)))
+    return rank
+
+
+def own_clip_scorer(family, params, config) -> clip_score.ClipScorer:
+    """The family's own CLIP as a scorer (for ``sampler.mbr_metric="clip"``), images normalised as the input's."""
+    own = family.own_clip(params)
+    if own is None:
+        raise ValueError(f"config.sampler.mbr_metric='clip': family {family.name!r} has no CLIP of its own")
+    module, clip_params, cfg = own
+    return clip_score.ClipScorer(module, clip_params, cfg, family.tokenizer, config.input.image_mean,
+                                 config.input.image_std, prompt=config.eval.get("clip_prompt", clip_score.DEFAULT_PROMPT))
 
 
 # Skipped bad records named in the printed summary (the eval json lists all).
@@ -135,6 +163,7 @@ class Evaluator:
         n = int(sampler_cfg.mbr)
         it = pipeline.make_eval_iterator(self.config.input, self.family.tokenizer, split=split, limit=limit)
         self.data_counts, self.skipped = bad_records.Counts(), []
+        ranker = None  # the family's own CLIP, built at the first batch that re-ranks candidates by it
         for i, batch in enumerate(it):
             gb = sharding.global_batch(batch, self.mesh)
             mask = sharding.to_host(gb["_mask"]).astype(bool)
@@ -142,8 +171,14 @@ class Evaluator:
             t0 = time.perf_counter()
             out = lambda key: jax.tree.map(lambda a: sharding.to_host(a)[mask], fn(params, gb, key))  # noqa: E731
             decode = lambda o: self.family.decode(o["tokens"] if trajectory else o)  # noqa: E731
+            rank = None
+            if n > 1 and sampler_cfg.mbr_metric == "clip":
+                if ranker is None:
+                    ranker = own_clip_scorer(self.family, params, self.config)
+                rank = clip_ranker(ranker, sharding.to_host(ranker.image_embeddings_on_device(
+                    gb["image"], self.config.input.image_mean, self.config.input.image_std))[mask])
             captions, _, outputs, texts = mbr_sample(out, jax.random.fold_in(rng, i), n, decode,
-                                                     sampler_cfg.mbr_metric)
+                                                     sampler_cfg.mbr_metric, rank)
             dt = time.perf_counter() - t0
             ids = sharding.to_host(gb["image_id"])[mask]
             refs = self._gather_references(batch)
@@ -248,8 +283,8 @@ class Evaluator:
                 self._scorer = metrics_lib.CaptionScorer()
             result.update(self._scorer(preds, refs))
             caps = [r["caption"] for r in records]
-            result["dist_1"] = metrics_lib.distinct_n(caps, 1)
-            result["dist_2"] = metrics_lib.distinct_n(caps, 2)
+            pools = [r["candidates"] for r in records] if int(sampler_cfg.mbr) > 1 else None
+            result.update(metrics_lib.diversity(caps, [r["references"] for r in records], pools))
             self._semantic_accuracy(preds, records, result)
             if write and workdir:
                 report.write_eval(workdir, step, result, records, tag=tag)

@@ -373,6 +373,49 @@ def distinct_n(captions: Sequence[str], n: int) -> float:
     return len(ngrams) / total_words
 
 
+def self_bleu(pools: Sequence[Sequence[str]]) -> float | None:
+    """Self-BLEU-4 of each image's candidates: the mean, over images and their candidates, of the sentence
+    BLEU-4 of a candidate with the image's other candidates as references (pycocoevalcap's BLEU on
+    whitespace words). High: the candidates repeat each other; low: diverse. None when no image has two."""
+    gts, res = {}, {}
+    for i, pool in enumerate(pools):
+        words = [" ".join(c.split()) or "<empty>" for c in pool]
+        if len(words) < 2:
+            continue
+        for j, hyp in enumerate(words):
+            res[(i, j)] = [hyp]
+            gts[(i, j)] = words[:j] + words[j + 1:]
+    if not res:
+        return None
+    _, per_sentence = Bleu(4).compute_score(gts, res, verbose=0)
+    return float(np.mean(per_sentence[3]))
+
+
+def diversity(captions: Sequence[str], references: Sequence[Sequence[str]],
+              pools: Sequence[Sequence[str]] | None = None) -> dict[str, float | None]:
+    """The diversity scores of a set of output captions: ``dist_1..3`` (``distinct_n``), ``vocab_usage``
+    (distinct output words / distinct words of the references, normalised as captions are) and, with several candidates
+    per image (``pools``), ``self_bleu``."""
+    out: dict[str, float | None] = {f"dist_{n}": distinct_n(captions, n) for n in (1, 2, 3)}
+    from ladic_jax.data.text import normalize_caption
+    ref_words = {w for refs in references for r in refs for w in normalize_caption(r).split()}
+    out["vocab_usage"] = vocab_usage(captions, len(ref_words)) if ref_words else None
+    if pools is not None:
+        out["self_bleu"] = self_bleu(pools)
+    return out
+
+
+def select_by_score(scores: np.ndarray) -> list[int]:
+    """Per row of a (images, candidates) score matrix, the index of the highest score (the first of equal
+    maxima): candidate re-ranking, e.g. by CLIP image-text cosine (Prefix-diffusion)."""
+    scores = np.asarray(scores, np.float64)
+    if scores.ndim != 2 or scores.shape[1] == 0:
+        raise ValueError(f"scores must be (images, candidates) with at least one candidate, got shape {scores.shape}")
+    if not np.all(np.isfinite(scores)):
+        raise ValueError("scores must be finite")
+    return [int(i) for i in np.argmax(scores, axis=1)]
+
+
 def vocab_usage(captions: Sequence[str], vocab_size: int) -> float:
     """Distinct words over all captions / `vocab_size` (the size of the model's vocabulary)."""
     _check_positive_int(vocab_size, "vocab_size")

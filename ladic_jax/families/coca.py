@@ -30,7 +30,9 @@ Config (``config.model``):
     fields, ``stem`` "patch" or "conv"; ``projection_dim``; ``logit_scale_init``);
   decoder: preset name + overrides (``models.diffuser.DiffuserConfig``);
   contrastive: "softmax" (CLIP) | "sigmoid" (SigLIP, with a learned bias); contrastive_weight;
-  caption_weight; vocab ("full" | "train") and max_vocab (``families.vocab``).
+  caption_weight; pooled_caption_weight (optional, default 0: the same decoder also learns to caption from
+  the projected image embedding alone, one condition token through a Dense, so that the embedding the
+  CLIP-conditioned families read holds the whole caption; not exported: only the towers are); vocab ("full" | "train") and max_vocab (``families.vocab``).
 """
 
 from __future__ import annotations
@@ -123,11 +125,14 @@ class CocaModel(nn.Module):
     vocab_size: int          # classes of the decoder: K (closed vocabulary) or the tokenizer's
     closed_vocab: bool
     sigmoid: bool
+    pooled_caption: bool = False  # the decoder also captions from the projected image embedding alone
     dtype: Any = jnp.float32
 
     def setup(self):
         self.clip = CLIP(self.clip_config, dtype=self.dtype)
         self.decoder = TextDecoder(self.decoder_config, self.vocab_size, dtype=self.dtype)
+        if self.pooled_caption:
+            self.pooled_to_cond = nn.Dense(self.decoder_config.cond_dim, dtype=self.dtype)
         if self.sigmoid:
             self.logit_bias = self.param("logit_bias", nn.initializers.constant(_SIGLIP_BIAS), (), jnp.float32)
         if self.closed_vocab:
@@ -150,6 +155,10 @@ class CocaModel(nn.Module):
     def condition(self, image_tokens):
         return self.decoder.condition(image_tokens)
 
+    def pooled_condition(self, image_feature):
+        """The decoder's condition from the projected image embedding (B, P) alone, as one image token."""
+        return self.decoder.condition(self.pooled_to_cond(image_feature)[:, None, :])
+
     def caption_logits(self, ids, cond, deterministic=True):
         return self.decoder(ids, cond, deterministic)
 
@@ -163,9 +172,11 @@ class CocaModel(nn.Module):
         return jax.lax.stop_gradient(self.vocab_ids).astype(jnp.int32)
 
     def __call__(self, tokens, token_mask, image):
-        img, _ = self.encode_image(image)
+        img, feat = self.encode_image(image)
         self.encode_text(tokens, token_mask)
         self.logit_scale_and_bias()
+        if self.pooled_caption:
+            self.pooled_condition(feat)
         return self.caption_logits(jnp.zeros_like(tokens), self.condition(img))
 
 
@@ -212,7 +223,7 @@ class Coca(base.Family):
             dec.preset, latent_dim=1, cond_dim=cc.vision.hidden_size, max_len=config.input.max_length,
             **dec.get("overrides", {}))
         self.module = CocaModel(cc, self.decoder_config, classes, bool(self.vocab_size), self.sigmoid,
-                                dtype=jnp.dtype(config.get("dtype", "float32")))
+                                pooled_caption=bool(m.get("pooled_caption_weight", 0.0)), dtype=jnp.dtype(config.get("dtype", "float32")))
         self._tokenizer = None
 
     @staticmethod
@@ -222,6 +233,8 @@ class Coca(base.Family):
         c.require_choice(config, "model.contrastive", CONTRASTIVE)
         w_con = c.require_nonnegative(config, "model.contrastive_weight")
         w_cap = c.require_nonnegative(config, "model.caption_weight")
+        if "pooled_caption_weight" in config.model:
+            c.require_nonnegative(config, "model.pooled_caption_weight")
         c.check(w_con + w_cap > 0, "config.model.contrastive_weight",
                 "and config.model.caption_weight are both 0: nothing would be trained")
         vocab_lib.validate(config)
@@ -364,17 +377,30 @@ class Coca(base.Family):
             hit = jnp.take_along_axis(positives, jnp.argmax(sims, 1)[:, None], 1)[:, 0]
             loss = loss + m.contrastive_weight * con
             metrics.update(contrastive=con, i2t_batch_acc=jnp.mean(hit), logit_scale=jnp.exp(log_scale))
-        if m.caption_weight:
+        w_pooled = m.get("pooled_caption_weight", 0.0)
+        if m.caption_weight or w_pooled:
             classes, known = self._to_classes(params, tokens)
-            cond = self._apply(params, img_tokens, method=CocaModel.condition)
-            logits = self._apply(params, classes[:, :-1], cond, not train, method=CocaModel.caption_logits,
-                                 rngs={"dropout": rng})
             weights = (token_mask[:, 1:] > 0) & known[:, 1:]
-            ce, acc = caption_loss(logits, classes[:, 1:], weights)
-            loss = loss + m.caption_weight * ce
-            metrics.update(caption_ce=ce, token_acc=acc)
+            k_tok, k_pooled = jax.random.split(rng)
+
+            def captioning(cond, key):
+                logits = self._apply(params, classes[:, :-1], cond, not train, method=CocaModel.caption_logits,
+                                     rngs={"dropout": key})
+                return caption_loss(logits, classes[:, 1:], weights)
+
             if self.vocab_size:
                 metrics["out_of_vocab"] = 1.0 - jnp.sum(known * token_mask) / jnp.sum(token_mask)
+        if m.caption_weight:
+            ce, acc = captioning(self._apply(params, img_tokens, method=CocaModel.condition), k_tok)
+            loss = loss + m.caption_weight * ce
+            metrics.update(caption_ce=ce, token_acc=acc)
+        if w_pooled:
+            # Captioning from the pooled embedding alone makes it carry the whole scene: contrast alone
+            # leaves out what a batch never needs to tell images apart (shapes, on the shapes data), and
+            # the CLIP-conditioned families (clip_diffusionlm, prefix_diffusion) read only this embedding.
+            ce, acc = captioning(self._apply(params, img_feat, method=CocaModel.pooled_condition), k_pooled)
+            loss = loss + w_pooled * ce
+            metrics.update(pooled_caption_ce=ce, pooled_token_acc=acc)
         return loss, metrics
 
     # ---- sampling: the shared loop's steps are decoding positions -------------------------------------

@@ -59,3 +59,11 @@ def to_index(vocab_ids: jnp.ndarray, tokens: jnp.ndarray) -> tuple[jnp.ndarray, 
 def to_token_ids(vocab_ids: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
     """Positions in the closed vocabulary -> token ids."""
     return vocab_ids[index]
+
+
+def mask_padding(logits: jnp.ndarray, vocab_ids: jnp.ndarray) -> jnp.ndarray:
+    """Logits over the closed vocabulary with its padding entries (repeats of an id already in it) at a
+    large negative value: otherwise an id repeated r times would split its probability r ways."""
+    first, _ = to_index(vocab_ids, vocab_ids)
+    real = first == jnp.arange(vocab_ids.shape[0])
+    return jnp.where(real, logits, jnp.asarray(-1e9, logits.dtype))

@@ -336,6 +336,29 @@ def test_vocab_usage():
         metrics.vocab_usage(["a"], 0)
 
 
+def test_self_bleu_closed_form():
+    # Two 5-word candidates sharing their first four words: with the other as the only reference,
+    # p1..p4 = 4/5, 3/4, 2/3, 1/2 and no brevity penalty, so BLEU-4 = (0.2)^(1/4) for each.
+    pools = [["a b c d e", "a b c d f"]]
+    assert metrics.self_bleu(pools) == pytest.approx(0.2 ** 0.25, rel=1e-6)
+    # Identical candidates repeat each other fully; a lone candidate per image gives nothing to compare.
+    assert metrics.self_bleu([["a red circle x", "a red circle x", "a red circle x"]]) == pytest.approx(1.0)
+    assert metrics.self_bleu([["a"], ["b"]]) is None
+    # The mean is over every (image, candidate).
+    assert metrics.self_bleu(pools + [["p q r s", "p q r s"]]) == pytest.approx((2 * 0.2 ** 0.25 + 2) / 4, rel=1e-6)
+
+
+def test_diversity_scores():
+    captions = ["a red circle", "a red square", "a red circle"]
+    references = [["A red circle.", "one red circle"], ["a red square"], ["a big red circle"]]
+    got = metrics.diversity(captions, references)
+    assert got["dist_1"] == pytest.approx(4 / 9) and got["dist_3"] == pytest.approx(2 / 9)
+    # Output words {a, red, circle, square} over the references' {a, red, circle, one, square, big}.
+    assert got["vocab_usage"] == pytest.approx(4 / 6)
+    assert "self_bleu" not in got
+    assert metrics.diversity(captions, references, [["x y z w", "x y z w"]] * 3)["self_bleu"] == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("metric", ["bleu", "cider"])
 def test_mbr_select_hand_examples(metric):
     centre = "a red circle above a blue square"
