@@ -28,7 +28,8 @@ def get_config(arg=None):
         dataset="shapes_captions/default", data_dir=None, train_split="train", eval_split="test",
         image_size=64, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), max_length=32,
         tokenizer="minilm", random_resized_crop=False, crop_scale=(0.5, 1.0), flip=False,
-        shuffle_buffer=5000, batch_size=64, eval_batch_size=100, seed=0, train_captions="sample",
+        # The shortest reference as the training caption: fewer phrasings of one scene to average over.
+        shuffle_buffer=5000, batch_size=64, eval_batch_size=100, seed=0, train_captions="shortest",
         train_caption_file="")
     c.model = dict(
         # The shapes CLIP's sizes come from its config.json; without one, a tiny random CLIP (smoke tests).

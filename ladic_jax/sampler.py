@@ -16,8 +16,8 @@ Two options of the loop itself, read from the sampler config:
   current prediction and the distance of the current latent prediction to the final one; no second loop.
   It holds every step's latent prediction (steps x batch x length x width floats) until the end.
 
-Minimum Bayes Risk (``sampler.mbr``, several candidates per image) runs beside the loop, in
-``ladic_jax.evaluation.evaluator.mbr_sample``.
+Several candidates per image (``sampler.mbr``), one kept by Minimum Bayes Risk or by CLIP re-ranking
+(``sampler.mbr_metric``), run beside the loop, in ``ladic_jax.evaluation.evaluator.mbr_sample``.
 """
 
 from __future__ import annotations

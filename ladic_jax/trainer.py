@@ -282,6 +282,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     if jax.process_index() == 0:
         n_params = optim.count_params(state["params"])
         n_frozen = optim.count_params(state["params"], s.frozen)
+        report.write_param_counts(workdir, n_params, n_params - n_frozen)
         print(f"[train] {config.family}: {n_params:,} parameters ({n_params - n_frozen:,} trainable); "
               f"{s.total_steps} steps of batch {config.input.batch_size}; mesh {dict(s.mesh.shape)}", flush=True)
     batches = pipeline.make_train_iterator(config.input, s.family.tokenizer, start_step=step)

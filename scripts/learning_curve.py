@@ -32,20 +32,6 @@ VARIANTS = {
 }
 
 
-def _train_seconds(workdir: str) -> dict[int, float]:
-    """Cumulative training seconds at each logged step, from the logged steps/s."""
-    out, total, last = {}, 0.0, 0
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        for line in f:
-            rec = json.loads(line)
-            rate = rec.get("train/steps_per_sec")
-            if rate:
-                total += (rec["step"] - last) / rate
-                last = rec["step"]
-                out[rec["step"]] = total
-    return out
-
-
 def run_variant(name: str, spec: str, steps: list[int], data_dir: str, workdir: str,
                 until: int | None = None) -> dict[int, dict]:
     from ladic_jax import config as config_lib
@@ -65,7 +51,7 @@ def run_variant(name: str, spec: str, steps: list[int], data_dir: str, workdir: 
     sampling = [5] if config.family == "ladic" else None
     offline.evaluate_run(workdir, steps=steps, sampling_steps=sampling)
     tag = "_s5" if sampling and config.sampler.steps != 5 else ""
-    seconds = _train_seconds(workdir)
+    seconds = report.train_seconds(workdir)
     return {s: {**report.read_eval(workdir, s, tag), "train_seconds": seconds.get(s)} for s in steps}
 
 

@@ -207,3 +207,18 @@ def test_autoregressive_captioner_compiles_and_counts_every_decoding_step():
     decoding = 2 * per_position * rows * cfg.sampler.steps
     # On top: attention over the cache, the image tower once; counted once instead of per step it would be ~1/31.
     assert 1.0 <= sample.flops / decoding <= 3.0, sample.flops / decoding
+
+
+@pytest.mark.parametrize("spec", ["configs/clip_diffusionlm_flickr.py:runlocal", "configs/prefix_diffusion_coco.py:runlocal"])
+def test_word_diffusion_paper_configs_compile_for_a_tpu_slice(spec):
+    """The CLIP-conditioned word-embedding families (their paper configs' runlocal variants) compile for the
+    slice: train step and sampler both fit, the sampler's loop counted at its steps."""
+    from ladic_jax import config as config_lib
+    cfg = config_lib.load_config(os.path.join(REPO, spec))
+    config_lib.apply_overrides(cfg, OVERRIDES)
+    with cfg.unlocked():
+        cfg.mesh = [("data", -1), ("fsdp", FSDP), ("model", 1)]
+    report = aot.check(cfg, TOPOLOGY, config_name=spec)
+    assert report.fits, aot.format_report(report)
+    train, sample = report.programs
+    assert sample.detail == f"{cfg.sampler.steps} steps" and sample.flops > 0 and train.flops > 0

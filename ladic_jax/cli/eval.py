@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ladic_jax.cli import common
 
@@ -20,12 +21,15 @@ def main(argv=None) -> None:
     p.add_argument("--compare", nargs="+", metavar="RUN[:TAG]", default=None,
                    help="instead of evaluating, print a table comparing the newest evaluations of runs (TAG: the "
                         "evaluation's file tag, e.g. runs/ladic:_s30; default: the run's own sampler settings)")
+    p.add_argument("--out", default=None, metavar="DIR", help="with --compare: also write DIR/comparison.md "
+                   "(the table in Markdown) and DIR/comparison.png (bar charts)")
     p.add_argument("--step", type=_ints, default=None, help="checkpoint step(s), comma-separated")
     p.add_argument("--sampling-steps", type=_ints, default=None,
                    help="denoising steps, comma-separated (default: the config's sampler.steps)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w")
     p.add_argument("--mbr", type=int, default=None, metavar="N",
-                   help="Minimum Bayes Risk over N sampled candidates per image (1: plain sampling)")
+                   help="N sampled candidates per image, one kept by config.sampler.mbr_metric: Minimum Bayes "
+                        "Risk by bleu or cider, or clip (re-ranking by the family's own CLIP); 1: plain sampling")
     p.add_argument("--back-refine", action="store_true", help="Back&Refine (fractions: config.sampler.back_refine)")
     p.add_argument("--sweep", nargs="+", default=None, metavar="FIELD=V1,V2",
                    help="evaluate a grid of sampler settings, e.g. --sweep steps=1,5,10,30 guidance=0,1,2; writes "
@@ -44,10 +48,16 @@ def main(argv=None) -> None:
         for spec in args.compare:
             run, _, tag = spec.partition(":")
             try:
-                rows.append((spec, report.latest_eval(run, tag)))
+                rows.append((spec, report.run_summary(run, tag)))
             except (FileNotFoundError, ValueError) as e:
                 common.fail(str(e))
         print(report.format_comparison(rows), end="")
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "comparison.md"), "w") as f:
+                f.write(report.format_comparison(rows, markdown=True))
+            report.plot_comparison(rows, os.path.join(args.out, "comparison.png"))
+            print(f"table: {os.path.join(args.out, 'comparison.md')}, plot: {os.path.join(args.out, 'comparison.png')}")
         return
     if not args.workdir:
         p.error("the following arguments are required: --workdir (or --compare)")

@@ -326,10 +326,12 @@ def format_table(evals: Evals, sampler_fields: Sequence[str] = (), show_tag: boo
 
 
 # Columns of `format_comparison`: (key, title, scale, format).
-COMPARISON_COLUMNS = (("bleu_4", "B@4", 100, ".1f"), ("cider", "CIDEr", 100, ".1f"), ("meteor", "METEOR", 100, ".1f"),
+COMPARISON_COLUMNS = (("train_minutes", "train min", 1, ".1f"), ("trainable_parameters", "params", 1e-6, ".2f"),
+                      ("bleu_4", "B@4", 100, ".1f"), ("cider", "CIDEr", 100, ".1f"), ("meteor", "METEOR", 100, ".1f"),
                       ("clip_score", "CLIP-S", 100, ".1f"), ("ref_clip_score", "RefCLIP-S", 100, ".1f"),
                       ("sem_fully_correct", "correct%", 100, ".1f"), ("sem_object_f1", "objF1", 100, ".1f"),
-                      ("sem_relation_accuracy", "rel%", 100, ".1f"), ("seconds_per_image", "s/img", 1, ".4f"),
+                      ("sem_relation_accuracy", "rel%", 100, ".1f"), ("dist_2", "Dist-2", 100, ".1f"),
+                      ("self_bleu", "self-B", 100, ".1f"), ("seconds_per_image", "s/img", 1, ".4f"),
                       ("sampling_steps", "steps", 1, ".0f"), ("num_images", "images", 1, ".0f"))
 
 
@@ -342,19 +344,92 @@ def latest_eval(workdir: str | os.PathLike, tag: str = "") -> dict:
     return {**read_eval(workdir, steps[-1], tag), "step": steps[-1]}
 
 
-def format_comparison(rows: Sequence[tuple[str, Mapping[str, Any]]]) -> str:
-    """A table comparing evaluations of different runs, one (label, record) per row: BLEU-4, CIDEr, METEOR,
-    CLIPScore, RefCLIPScore, semantic accuracy where known (x100), seconds per image and sampling steps."""
+def train_seconds(workdir: str | os.PathLike) -> dict[int, float]:
+    """Cumulative training seconds at each logged step of a run, from the logged steps/s (start-up and
+    evaluations excluded); empty without a metrics.jsonl."""
+    out, total, last = {}, 0.0, 0
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        rate = rec.get("train/steps_per_sec")
+        if rate:
+            total += (rec["step"] - last) / rate
+            last = rec["step"]
+            out[rec["step"]] = total
+    return out
+
+
+PARAMS_FILE = "params.json"
+
+
+def write_param_counts(workdir: str | os.PathLike, total: int, trainable: int) -> None:
+    """Records a run's parameter counts (the trainer, at the start) for comparison tables."""
+    _write_atomically(epath.Path(workdir) / PARAMS_FILE, _dumps({"parameters": total, "trainable": trainable}).encode())
+
+
+def run_summary(workdir: str | os.PathLike, tag: str = "") -> dict:
+    """The newest evaluation of a run (``latest_eval``) with what the run says of itself: ``family`` (its
+    config.json), ``trainable_parameters`` (params.json) and ``train_minutes`` up to the evaluated step."""
+    record = latest_eval(workdir, tag)
+    wd = epath.Path(workdir)
+    if (wd / "config.json").exists():
+        record["family"] = json.loads((wd / "config.json").read_text()).get("family")
+    if (wd / PARAMS_FILE).exists():
+        record["trainable_parameters"] = json.loads((wd / PARAMS_FILE).read_text()).get("trainable")
+    seconds = [s for step, s in train_seconds(workdir).items() if step <= record["step"]]
+    if seconds:
+        record["train_minutes"] = max(seconds) / 60
+    return record
+
+
+def format_comparison(rows: Sequence[tuple[str, Mapping[str, Any]]], markdown: bool = False) -> str:
+    """A table comparing evaluations of different runs, one (label, record) per row: family, training step
+    and minutes, trainable parameters, BLEU-4, CIDEr, METEOR, CLIPScore, RefCLIPScore, semantic accuracy
+    where known, Dist-2, self-BLEU (x100), seconds per image and sampling steps; columns no row has are left
+    out. ``markdown``: a Markdown table."""
     columns = [c for c in COMPARISON_COLUMNS if any(_number(r.get(c[0])) is not None for _, r in rows)]
-    header = ["run", "step"] + [title for _, title, _, _ in columns]
-    body = [[label, str(r.get("step", "-"))] + [_cell(r, key, scale=scale, fmt=fmt) for key, _, scale, fmt in columns]
-            for label, r in rows]
-    widths = [max(len(row[c]) for row in [header] + body) for c in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if c == 0 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
-             for row in [header] + body]
+    header = ["run", "family", "step"] + [title for _, title, _, _ in columns]
+    body = [[label, str(r.get("family") or "-"), str(r.get("step", "-"))]
+            + [_cell(r, key, scale=scale, fmt=fmt) for key, _, scale, fmt in columns] for label, r in rows]
     note = ("scores x100; correct% = captions entirely right (shapes data), objF1 = object F1, rel% = relations "
-            "true; s/img = sampling seconds per image; steps = sequential model calls per caption")
+            "true; Dist-2 = distinct bigrams / words; self-B = self-BLEU-4 over each image's candidates; "
+            "params = trainable parameters (millions); train min = training time to that step; s/img = sampling "
+            "seconds per image; steps = sequential model calls per caption")
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in [header] + body]
+        return "\n".join([note, "", lines[0], "|" + "---|" * len(header)] + lines[1:]) + "\n"
+    widths = [max(len(row[c]) for row in [header] + body) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if c <= 1 else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+             for row in [header] + body]
     return "\n".join([note, lines[0], "-" * len(lines[0])] + lines[1:]) + "\n"
+
+
+def plot_comparison(rows: Sequence[tuple[str, Mapping[str, Any]]], out_png: str | os.PathLike) -> None:
+    """Bar charts of the comparison: quality (BLEU-4, CIDEr/10, fully correct, CLIPScore), diversity
+    (Dist-2) and speed (seconds per image, log scale), one bar per run."""
+    panels = (("quality (x100)", (("bleu_4", "BLEU-4", 100), ("cider", "CIDEr/10", 10),
+                                  ("sem_fully_correct", "fully correct", 100), ("clip_score", "CLIP-S", 100))),
+              ("diversity (x100)", (("dist_2", "Dist-2", 100), ("self_bleu", "self-BLEU", 100))),
+              ("seconds per image", (("seconds_per_image", "s/img", 1),)))
+    fig = Figure(figsize=(14, 4.2))
+    axes = fig.subplots(1, 3, gridspec_kw={"width_ratios": [3, 1.5, 1]})
+    labels = [label for label, _ in rows]
+    for ax, (title, metrics) in zip(axes, panels):
+        metrics = [m for m in metrics if any(_number(r.get(m[0])) is not None for _, r in rows)]
+        width = 0.8 / max(len(rows), 1)
+        for i, (label, r) in enumerate(rows):
+            values = [(_number(r.get(key)) or 0.0) * scale for key, _, scale in metrics]
+            ax.bar(np.arange(len(metrics)) + (i - (len(rows) - 1) / 2) * width, values, width, label=label)
+        ax.set_xticks(np.arange(len(metrics)), [name for _, name, _ in metrics])
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+        if title.startswith("seconds"):
+            ax.set_yscale("log")
+    axes[0].legend(labels, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(str(out_png), dpi=110)
 
 
 def _group_label(record: Mapping[str, Any]) -> str:
