@@ -57,7 +57,7 @@ def get_config(arg=None):
     c.sampler.back_refine = dict(enabled=False, at=0.5, keep=0.5)
     c.sampler.mbr, c.sampler.mbr_metric = 1, "bleu"
 
-    c.total_steps = arg.steps or 2000
+    c.total_steps = arg.steps or 1800
     c.num_epochs = 0
     c.stop_at_step = 0
     c.optim = dict(lr=1e-3, warmup=0.05, decay="linear", end_lr_factor=0.0, weight_decay=0.01,

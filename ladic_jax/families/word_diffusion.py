@@ -294,8 +294,11 @@ class WordDiffusionFamily(base.Family):
         self._tokenizer = None
         d = m.denoiser.to_dict()
         d.setdefault("num_cond_tokens", self.default_cond_tokens)
-        self.denoiser_config = WordDenoiserConfig(emb_dim=int(m.text.emb_dim), max_len=config.input.max_length,
-                                                  num_timesteps=config.diffusion.num_timesteps, **d)
+        try:
+            self.denoiser_config = WordDenoiserConfig(emb_dim=int(m.text.emb_dim), max_len=config.input.max_length,
+                                                      num_timesteps=config.diffusion.num_timesteps, **d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"config.model.denoiser: {e}") from e
         self.module = WordDiffusionModel(
             self.clip_config, self.denoiser_config, self.tokenizer_vocab_size, self.vocab_size,
             text_guidance=bool(m.get("text_guidance", False)),

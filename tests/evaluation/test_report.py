@@ -212,3 +212,26 @@ def test_write_report(tmp_path):
     table_path, plot_path = report.write_report(tmp_path)
     assert "126.24" in table_path.read_text() and plot_path.exists()
     assert report.evaluated_steps(tmp_path) == [200, 1000]  # the report files are not steps
+
+
+def test_run_summary_and_comparison(tmp_path):
+    """A run's newest evaluation with its family (config.json), trainable parameters (params.json) and training
+    minutes up to the evaluated step (summed from the logged steps/s: 100 steps at 2/s + 100 at 1/s = 150 s)."""
+    wd = tmp_path / "run"
+    report.write_eval(str(wd), 200, {"bleu_4": 0.41, "cider": 2.5, "dist_2": 0.12},
+                      [{"image_id": 1, "caption": "a b", "references": ["a b"]}], sampling_steps=20)
+    (wd / "config.json").write_text(json.dumps({"family": "prefix_diffusion"}))
+    report.write_param_counts(str(wd), 1000, 600)
+    (wd / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"step": 100, "train/steps_per_sec": 2.0}, {"step": 200, "train/steps_per_sec": 1.0},
+        {"step": 300, "train/steps_per_sec": 1.0})) + "\n")
+    summary = report.run_summary(str(wd))
+    assert summary["family"] == "prefix_diffusion" and summary["trainable_parameters"] == 600
+    assert summary["train_minutes"] == pytest.approx(150 / 60) and summary["step"] == 200
+    table = report.format_comparison([("A", summary), ("B", {"bleu_4": 0.2, "step": 7})], markdown=True)
+    lines = table.splitlines()
+    assert lines[2].startswith("| run | family | step | train min | params | B@4 | CIDEr | Dist-2 |")
+    assert lines[4] == "| A | prefix_diffusion | 200 | 2.5 | 0.00 | 41.0 | 250.0 | 12.0 | 20 | 1 |"
+    assert lines[5].startswith("| B | - | 7 | - | - | 20.0 |")
+    report.plot_comparison([("A", summary), ("B", {"bleu_4": 0.2})], tmp_path / "c.png")
+    assert Image.open(tmp_path / "c.png").size[0] > 0

@@ -197,3 +197,33 @@ def test_mbr_sample_with_clip_metric_uses_the_ranker():
     assert captions == ["e", "b"] and chosen == [2, 0]
     with pytest.raises(ValueError, match="needs a CLIP"):
         evaluator_lib.mbr_sample(lambda k: ["a"], jax.random.key(0), 2, list, "clip", None)
+
+
+def test_clip_text_guidance_combines_conditional_and_null_predictions():
+    """With ``model.text_guidance`` the loss trains a second condition token from the caption's CLIP text
+    feature (or a learned null), and a sampling step with guidance w takes (1 + w) f(x, image, image-as-text)
+    - w f(x, image, null) before its DDIM update."""
+    fam = _family("clip_diffusionlm", ["model.text_guidance=True", "model.uncond_prob=0.5", "sampler.guidance=1.5",
+                                       "sampler.method=refeed", "sampler.clamp=False", "model.denoiser.width=32",
+                                       "model.denoiser.depth=1", "model.denoiser.num_heads=2",
+                                       "model.denoiser.mlp_dim=64", "model.denoiser.cond_hidden=16"])
+    cfg = fam.config
+    size = cfg.input.image_size
+    batch = {"image": jax.random.normal(jax.random.key(0), (2, size, size, 3)),
+             "tokens": jnp.asarray([[101, 1037, 2417, 102] + [0] * (cfg.input.max_length - 4)] * 2, jnp.int32)}
+    batch["token_mask"] = (batch["tokens"] > 0).astype(jnp.int32)
+    params = fam.init(jax.random.key(1), batch)
+    assert params["null_text"].shape == (1, 32) and "text_condition" in params
+    loss, metrics = fam.loss(params, batch, jax.random.key(2))
+    assert np.isfinite(float(loss)) and set(metrics) >= {"x0_mse", "rounding_ce"}
+    from ladic_jax.evaluation.evaluator import sampler_config
+    scfg = sampler_config(cfg)
+    ctx = fam.sampling_context(params, batch, scfg)
+    assert ctx["cond"].shape == ctx["null"].shape == (2, 2, 32)  # image token + text slot
+    x = jax.random.normal(jax.random.key(3), (2, cfg.input.max_length, 384))
+    state = fam.denoise_step(params, ctx, {"x": x, "x0_hat": jnp.zeros_like(x)}, 999, 799, jax.random.key(4), scfg)
+    t = jnp.full((2,), 999, jnp.int32)
+    f = lambda cond: fam.module.apply({"params": params}, x, t, cond, method=wd.WordDiffusionModel.denoise)  # noqa: E731
+    want = 2.5 * f(ctx["cond"]) - 1.5 * f(ctx["null"])
+    np.testing.assert_allclose(np.asarray(state["x"]), np.asarray(want), rtol=1e-5, atol=1e-5)  # refeed: x = x̂0
+    assert not np.allclose(np.asarray(f(ctx["cond"])), np.asarray(f(ctx["null"])))
