@@ -10,6 +10,9 @@ the DistilBERT-shaped denoiser (6 x 768) is shrunk to 4 x 256 to train on 2 CPU 
 
 Variants: ``clip=DIR`` (the CLIP; without it a random one: a smoke test only), ``runlocal``, ``steps=N``,
 ``fusion=add`` (the paper's other fusion).
+
+Measured here (500 test images): 1800 steps in 12.1 min on 2 CPU cores, BLEU-4 0.455, 35.8 % of captions
+entirely right (README, "Status and figures").
 """
 
 import ml_collections

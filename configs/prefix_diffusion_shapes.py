@@ -10,6 +10,9 @@ truncated linear schedule are the paper's.
 
 Variants: ``clip=DIR`` (the CLIP; without it a random one: a smoke test only), ``runlocal``, ``steps=N``,
 ``candidates=N`` (sampled per image and re-ranked by the CLIP's image-text cosine; 1: plain sampling).
+
+Measured here (500 test images): 1500 steps in 13.1 min on 2 CPU cores, BLEU-4 0.419 with 5 candidates
+(0.404 with one), 35.8 % of captions entirely right (README, "Status and figures").
 """
 
 import ml_collections

@@ -407,10 +407,10 @@ def format_comparison(rows: Sequence[tuple[str, Mapping[str, Any]]], markdown: b
 
 
 def plot_comparison(rows: Sequence[tuple[str, Mapping[str, Any]]], out_png: str | os.PathLike) -> None:
-    """Bar charts of the comparison: quality (BLEU-4, CIDEr/10, fully correct, CLIPScore), diversity
+    """Bar charts of the comparison: quality (BLEU-4, CIDEr/10, fully correct, CLIPScore/2.5), diversity
     (Dist-2) and speed (seconds per image, log scale), one bar per run."""
     panels = (("quality (x100)", (("bleu_4", "BLEU-4", 100), ("cider", "CIDEr/10", 10),
-                                  ("sem_fully_correct", "fully correct", 100), ("clip_score", "CLIP-S", 100))),
+                                  ("sem_fully_correct", "fully correct", 100), ("clip_score", "CLIP-S / 2.5", 40))),
               ("diversity (x100)", (("dist_2", "Dist-2", 100), ("self_bleu", "self-BLEU", 100))),
               ("seconds per image", (("seconds_per_image", "s/img", 1),)))
     fig = Figure(figsize=(14, 4.2))

@@ -29,6 +29,8 @@ def _tiny_config(family: str, data_dir: str, clip_dir: str, overrides=()):
     with cfg.unlocked():
         cfg.input.dataset = "shapes_captions/tiny"
         cfg.input.data_dir = data_dir
+        # The memorised captions are the first references: the closed vocabulary must come from those too.
+        cfg.input.train_captions = "first"
         cfg.model.denoiser.update(width=64, depth=2, num_heads=2, mlp_dim=128, cond_hidden=64)
         cfg.optim.update(lr=2e-3, warmup=0, decay="constant")
         cfg.eval.at_end = False
