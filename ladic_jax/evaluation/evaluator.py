@@ -91,7 +91,7 @@ def own_clip_scorer(family, params, config) -> clip_score.ClipScorer:
     if own is None:
         raise ValueError(f"config.sampler.mbr_metric='clip': family {family.name!r} has no CLIP of its own")
     module, clip_params, cfg = own
-    return clip_score.ClipScorer(module, clip_params, cfg, family.tokenizer, config.input.image_mean,
+    return clip_score.ClipScorer(module, clip_params, cfg, family.clip_tokenizer, config.input.image_mean,
                                  config.input.image_std, prompt=config.eval.get("clip_prompt", clip_score.DEFAULT_PROMPT))
 
 

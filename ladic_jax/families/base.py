@@ -59,6 +59,11 @@ class Family(abc.ABC):
         score captions with it: ``eval.clip = "self"``); None otherwise."""
         return None
 
+    @property
+    def clip_tokenizer(self):
+        """The tokenizer of the CLIP of ``own_clip``: the family's own unless it says otherwise."""
+        return self.tokenizer
+
     def prepare(self, params: Params, train_batches: Iterator[dict[str, np.ndarray]]) -> tuple[Params, list[str]]:
         """Data-dependent set-up before the first step (e.g. latent statistics). Host side."""
         return params, []

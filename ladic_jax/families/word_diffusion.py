@@ -417,10 +417,21 @@ class WordDiffusionFamily(base.Family):
     def own_clip(self, params):
         return CLIP(self.clip_config), params["clip"], self.clip_config
 
+    @functools.cached_property
+    def clip_tokenizer(self):
+        """The CLIP's own tokenizer (from its directory: OpenAI's CLIP has its BPE, the exported shapes CLIP
+        the input's WordPiece), or the input's for a CLIP without a directory (random, smoke tests)."""
+        src = self.config.model.clip.get("pretrained")
+        return text_lib.load_tokenizer(src) if src else self.tokenizer
+
     def prepare(self, params, train_batches: Iterator[dict[str, jax.Array]]):
         """The closed vocabulary's ids (one epoch of captions) and, for pretrained embeddings with
         ``text.scale_embeddings``, their RMS over the caption tokens of ``model.stats_batches`` batches."""
         m = self.config.model
+        if m.get("text_guidance", False) and self.clip_tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError("config.model.text_guidance feeds the caption's token ids to the CLIP's text tower, so "
+                             f"the CLIP ({m.clip.pretrained}) must use the input tokenizer "
+                             f"({self.config.input.tokenizer}); it does not")
         scale = bool(m.text.get("scale_embeddings", False))
         nb = int(m.get("stats_batches", 20)) if scale else 0
         vocab_batches = vocab_lib.epoch_batches(self.config) if self.vocab_size else 0
