@@ -31,12 +31,16 @@ class Family(abc.ABC):
 
     def __init__(self, config):
         self.config = config
+        self._tokenizer = None
 
     # ---- text space --------------------------------------------------------------------------
     @property
-    @abc.abstractmethod
     def tokenizer(self):
-        """HF tokenizer used by the input pipeline and for decoding."""
+        """HF tokenizer used by the input pipeline and for decoding: ``config.input.tokenizer``, loaded once."""
+        if self._tokenizer is None:
+            from ladic_jax.data import text as text_lib
+            self._tokenizer = text_lib.load_tokenizer(self.config.input.tokenizer)
+        return self._tokenizer
 
     def decode(self, token_ids: np.ndarray) -> list[str]:
         """Token ids (B, L) -> caption strings (host side)."""

@@ -224,7 +224,6 @@ class Coca(base.Family):
             **dec.get("overrides", {}))
         self.module = CocaModel(cc, self.decoder_config, classes, bool(self.vocab_size), self.sigmoid,
                                 pooled_caption=bool(m.get("pooled_caption_weight", 0.0)), dtype=jnp.dtype(config.get("dtype", "float32")))
-        self._tokenizer = None
 
     @staticmethod
     def validate(config) -> None:
@@ -270,11 +269,6 @@ class Coca(base.Family):
                          f"is {cc.text.max_position_embeddings}, shorter than config.input.max_length={L}")
 
     # ---- text ------------------------------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = text_lib.load_tokenizer(self.config.input.tokenizer)
-        return self._tokenizer
 
     @functools.cached_property
     def _start_end_pad(self) -> tuple[int, int, int]:

@@ -54,7 +54,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ladic_jax.data import text as text_lib
 from ladic_jax import config as config_lib
 from ladic_jax.diffusion.gaussian import SCHEDULES, GaussianDiffusion
 from ladic_jax.encoders import bert as bert_lib
@@ -201,7 +200,6 @@ class Ladic(base.Family):
         d = config.diffusion
         self.diffusion = GaussianDiffusion.create(d.schedule, d.num_timesteps, d.noise_factor,
                                                   d.sample_noise_factor)
-        self._tokenizer = None
 
     @staticmethod
     def validate(config) -> None:
@@ -236,11 +234,6 @@ class Ladic(base.Family):
             c.check(n <= T, f"config.eval.sampling_steps[{i}]", f"must be at most num_timesteps={T}, got {n}")
 
     # ---- text space -----------------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = text_lib.load_tokenizer(self.config.input.tokenizer)
-        return self._tokenizer
 
     @functools.cached_property
     def _special_ids(self) -> tuple[int, ...]:

@@ -291,7 +291,6 @@ class WordDiffusionFamily(base.Family):
         m = config.model
         self.clip_config = coca.clip_config(m)
         self.vocab_size = vocab_lib.size(config)
-        self._tokenizer = None
         d = m.denoiser.to_dict()
         d.setdefault("num_cond_tokens", self.default_cond_tokens)
         try:
@@ -339,11 +338,6 @@ class WordDiffusionFamily(base.Family):
             c.check(n <= T, f"config.eval.sampling_steps[{i}]", f"must be at most num_timesteps={T}, got {n}")
 
     # ---- text space ------------------------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        if self._tokenizer is None:
-            self._tokenizer = text_lib.load_tokenizer(self.config.input.tokenizer)
-        return self._tokenizer
 
     @property
     def tokenizer_vocab_size(self) -> int:
