@@ -35,7 +35,7 @@ from ladic_jax import sharding
 from ladic_jax.data import pipeline
 from ladic_jax.evaluation import report
 from ladic_jax.evaluation.evaluator import Evaluator
-from ladic_jax.families.base import Family, get_family
+from ladic_jax.families.base import STATE_UPDATES, Family, get_family
 from ladic_jax.metric_writer import MetricWriter, Progress
 
 log = logging.getLogger(__name__)
@@ -198,11 +198,38 @@ def make_train_step(sk: Skeleton):
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
+        params = _apply_state_updates(params, metrics.pop(STATE_UPDATES, {}), sk.frozen)
         metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]))
         new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state, "rng": state["rng"]}
         return new_state, metrics
 
     return jax.jit(step_fn, donate_argnums=0, out_shardings=(sk.state_shardings, None))
+
+
+def _apply_state_updates(params, new_values: dict[str, jax.Array], frozen):
+    """Writes a family's non-gradient updates (``families.base.STATE_UPDATES``) into the params, by path.
+    Each must name a frozen parameter (the optimizer leaves those alone) of the same shape."""
+    if not new_values:
+        return params
+    unused = set(new_values)
+
+    def put(path, leaf, is_frozen):
+        name = sharding.path_str(path)
+        if name not in new_values:
+            return leaf
+        unused.discard(name)
+        value = new_values[name]
+        if not is_frozen:
+            raise ValueError(f"the family updates parameter {name} outside the optimizer, but it is trained: "
+                             "add it to config.optim.frozen")
+        if value.shape != leaf.shape:
+            raise ValueError(f"state update for {name} has shape {value.shape}, the parameter {leaf.shape}")
+        return value.astype(leaf.dtype)
+
+    params = jax.tree_util.tree_map_with_path(put, params, frozen)
+    if unused:
+        raise ValueError(f"state updates for parameters that do not exist: {sorted(unused)}")
+    return params
 
 
 class _StopRequest:
@@ -361,11 +388,12 @@ def _check_finite(metrics, step: int, checkpointer) -> None:
 
 def _evaluate(evaluator: Evaluator, state, step, workdir, config, writer) -> dict[str, Any]:
     out = {}
-    for n_steps in config.eval.sampling_steps:
-        tag = "" if n_steps == config.sampler.steps else f"_s{n_steps}"
+    captions = evaluator.family.evaluation == "captions"
+    for n_steps in config.eval.sampling_steps if captions else (None,):
+        tag = "" if n_steps is None or n_steps == config.sampler.steps else f"_s{n_steps}"
         if step in report.evaluated_steps(workdir, tag):  # a finished run started again
             if jax.process_index() == 0:
-                print(f"[eval] step {step}, {n_steps} sampling steps: already evaluated "
+                print(f"[eval] step {step}{f', {n_steps} sampling steps' if captions else ''}: already evaluated "
                       f"({report.metrics_path(workdir, step, tag)})", flush=True)
             continue
         t0 = time.perf_counter()
@@ -373,11 +401,12 @@ def _evaluate(evaluator: Evaluator, state, step, workdir, config, writer) -> dic
                             limit=config.eval.get("limit") or None, tag=tag)
         if jax.process_index() == 0:
             shown = {k: res[k] for k in ("bleu_4", "cider", "meteor", "rouge_l", "clip_score", "sem_fully_correct",
-                                         "clip_i2t_recall@1") if res.get(k) is not None}
-            print(f"[eval] step {step}, {n_steps} sampling steps, {res['num_images']} images "
+                                         "clip_i2t_recall@1", "recon_mse", "psnr", "codebook_used") if res.get(k) is not None}
+            what = f"{n_steps} sampling steps, " if captions else ""
+            print(f"[eval] step {step}, {what}{res['num_images']} images "
                   f"({time.perf_counter() - t0:.0f}s): " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()),
                   flush=True)
-            writer.write(step, {k: v for k, v in res.items() if isinstance(v, (int, float))},
-                         prefix=f"eval_s{n_steps}/")
-            out.update({f"eval_s{n_steps}/{k}": v for k, v in res.items()})
+            prefix = f"eval_s{n_steps}/" if captions else "eval/"
+            writer.write(step, {k: v for k, v in res.items() if isinstance(v, (int, float))}, prefix=prefix)
+            out.update({prefix + k: v for k, v in res.items()})
     return out

@@ -3,6 +3,7 @@ into a Hugging Face checkpoint directory.
 
   ladic-convert official --checkpoint pytorch_model.bin --stats_dir LaDiC/datasets --workdir runs/official
   ladic-convert clip --workdir runs/coca --out runs/coca/clip
+  ladic-convert vqvae --workdir runs/vqvae --out runs/vqvae/vq
 """
 
 from __future__ import annotations
@@ -37,19 +38,25 @@ def main(argv=None) -> None:
                        "and preprocessor_config.json; other configs load the directory as pretrained weights "
                        "(e.g. configs/ladic_shapes.py:tower=DIR). With the patch stem, PyTorch "
                        "transformers.CLIPModel.from_pretrained loads it too.")
-    c.add_argument("--workdir", required=True, help="a run directory written by ladic-train")
-    c.add_argument("--out", required=True, help="output directory")
-    c.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
+    v = sub.add_parser("vqvae", help="export the VQ-VAE of a run (configs/vqvae_shapes.py) as the image "
+                       "tokenizer of the discrete family", description="Writes vqvae.json (sizes, image "
+                       "normalisation) and model.safetensors; configs/mc_diffusion_shapes.py:vq=DIR loads it.")
+    for sp in (c, v):
+        sp.add_argument("--workdir", required=True, help="a run directory written by ladic-train")
+        sp.add_argument("--out", required=True, help="output directory")
+        sp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
     args, overrides = common.parse(p, argv)
     common.setup_logging()
-    if args.source == "clip":
+    if args.source in ("clip", "vqvae"):
         from ladic_jax.checkpoint import CheckpointError
-        from ladic_jax.run_export import export_clip_of_run
+        from ladic_jax import run_export
+        export = run_export.export_clip_of_run if args.source == "clip" else run_export.export_vqvae_of_run
         try:
-            path, step = export_clip_of_run(args.workdir, args.out, step=args.step)
+            path, step = export(args.workdir, args.out, step=args.step)
         except (FileNotFoundError, ValueError, CheckpointError) as e:
             common.fail(str(e))
-        print(f"[convert] CLIP of {args.workdir} step {step} -> {path}", flush=True)
+        print(f"[convert] {'CLIP' if args.source == 'clip' else 'VQ-VAE'} of {args.workdir} step {step} -> {path}",
+              flush=True)
         return
     spec = args.config or str(DEFAULT_OFFICIAL_CONFIG)
     if not args.config and not DEFAULT_OFFICIAL_CONFIG.exists():

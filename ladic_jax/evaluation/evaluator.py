@@ -120,6 +120,7 @@ class Evaluator:
         self._loaded_clip = None  # the CLIP of config.eval.clip, when it names a checkpoint: loaded now, so
         self._clip_scorer(None)   # that a missing one stops a run at its start, not at its first evaluation
         self.data_counts, self.skipped = bad_records.Counts(), []  # of the last caption_batches
+        self._reconstruct = None  # jitted Family.reconstruct, for families evaluated by reconstruction
 
     def _clip_scorer(self, params) -> clip_score.ClipScorer | None:
         """The CLIP that ``config.eval.clip`` names: "" (none), "self" (the family's own, with these
@@ -242,6 +243,9 @@ class Evaluator:
         or the run config's with ``sampler_overrides``. With ``trajectory``, the result also holds
         ``latent_distance``: per loop step (``trajectory_timesteps``), the mean over images of the
         distance between that step's latent prediction and the final one."""
+        if self.family.evaluation == "reconstruction":
+            return self._run_reconstruction(params, step=step, workdir=workdir, split=split, limit=limit,
+                                            write=write, tag=tag)
         if sampler_cfg is None:
             sampler_cfg = sampler_config(self.config, **sampler_overrides)
         clip = self._clip_scorer(params)
@@ -288,4 +292,54 @@ class Evaluator:
             self._semantic_accuracy(preds, records, result)
             if write and workdir:
                 report.write_eval(workdir, step, result, records, tag=tag)
+        return result
+
+    def _run_reconstruction(self, params, *, step, workdir, split=None, limit=None, write=True, tag="") -> dict:
+        """An image autoencoder's evaluation (``Family.evaluation == "reconstruction"``): per image the mean
+        squared error in the input's normalisation and the PSNR of the [0, 1] pixels; over the split the
+        codes' perplexity and the fraction of the codebook used; a sheet of originals beside their
+        reconstructions (``eval/reconstructions_step_<N>.png``)."""
+        if self._reconstruct is None:
+            self._reconstruct = jax.jit(self.family.reconstruct, out_shardings={
+                "image": sharding.batch_sharding(self.mesh, 4), "codes": sharding.batch_sharding(self.mesh, 2)})
+        inp = self.config.input
+        mean, std = np.asarray(inp.image_mean, np.float32), np.asarray(inp.image_std, np.float32)
+        it = pipeline.make_eval_iterator(inp, self.family.tokenizer, split=split, limit=limit)
+        self.data_counts, self.skipped = bad_records.Counts(), []
+        mse, psnr, ids, shown, counts = [], [], [], [], None
+        for batch in it:
+            gb = sharding.global_batch(batch, self.mesh)
+            mask = sharding.to_host(gb["_mask"]).astype(bool)
+            self._note_bad_records(sharding.to_host(gb["image_id"]), sharding.to_host(gb["_data_flags"]))
+            out = self._reconstruct(params, gb)
+            recon = sharding.to_host(out["image"])[mask]
+            codes = sharding.to_host(out["codes"])[mask]
+            orig = sharding.to_host(gb["image"])[mask]
+            err = np.mean(np.square(recon - orig), axis=(1, 2, 3))
+            pix = lambda x: np.clip(x * std + mean, 0.0, 1.0)  # noqa: E731
+            pix_err = np.mean(np.square(pix(recon) - pix(orig)), axis=(1, 2, 3))
+            mse.extend(err.tolist())
+            psnr.extend((10 * np.log10(1.0 / np.maximum(pix_err, 1e-10))).tolist())
+            ids.extend(sharding.to_host(gb["image_id"])[mask].tolist())
+            hist = np.bincount(codes.reshape(-1), minlength=self.family.num_codes)
+            counts = hist if counts is None else counts + hist
+            for o, r, e, i in zip(orig, recon, err, ids[-len(err):]):
+                if len(shown) < 16:
+                    shown.append((i, e, np.concatenate([pix(o), pix(r)], axis=1)))
+        p = counts / max(counts.sum(), 1) if counts is not None else np.zeros(1)
+        nz = p[p > 0]
+        result = {"num_images": len(ids), "recon_mse": float(np.mean(mse)) if mse else None,
+                  "psnr": float(np.mean(psnr)) if psnr else None,
+                  "codebook_used": float(np.mean(counts > 0)) if counts is not None else None,
+                  "code_perplexity": float(np.exp(-np.sum(nz * np.log(nz)))),
+                  **{f"data/{k}": v for k, v in self.data_counts.as_dict().items()}, "skipped": self.skipped}
+        if jax.process_index() == 0 and write and workdir:
+            from ladic_jax.data import caption_sheet
+            report.write_metrics(workdir, step, result, tag=tag)
+            if shown:
+                items = [caption_sheet.SheetItem(image=(img * 255).round().astype(np.uint8), captions=[],
+                                                 label=f"{i}: original | reconstruction, MSE {e:.4f}")
+                         for i, e, img in shown]
+                sheet = caption_sheet.render_sheet(items, columns=4, tile=256)
+                sheet.save(str(report.eval_dir(workdir) / f"reconstructions_step_{step}{tag}.png"))
         return result

@@ -180,9 +180,15 @@ def write_eval(workdir: str | os.PathLike, step: int, metrics: Mapping[str, Any]
 
     lines = "".join(_dumps(r) + "\n" for r in records)
     _write_atomically(captions_path(workdir, step, tag), lines.encode("utf-8"))
-    result = {"step": step, "tag": tag, **metrics, **fields}
+    return write_metrics(workdir, step, {**metrics, **fields}, tag=tag)
+
+
+def write_metrics(workdir: str | os.PathLike, step: int, metrics: Mapping[str, Any], *, tag: str = "") -> epath.Path:
+    """Writes ``eval/step_<N><tag>.json`` = {step, tag, **metrics} (no captions: e.g. an image autoencoder's
+    evaluation); ``write_eval`` writes captioners' through it."""
+    step, tag = _check_step(step), _check_tag(tag)
     path = metrics_path(workdir, step, tag)
-    _write_atomically(path, (_dumps(result, indent=2) + "\n").encode("utf-8"))
+    _write_atomically(path, (_dumps({"step": step, "tag": tag, **metrics}, indent=2) + "\n").encode("utf-8"))
     return path
 
 

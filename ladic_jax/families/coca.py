@@ -270,23 +270,8 @@ class Coca(base.Family):
 
     # ---- text ------------------------------------------------------------------------------------
 
-    @functools.cached_property
-    def _start_end_pad(self) -> tuple[int, int, int]:
-        """The tokenizer's start and end tokens (those it puts around every caption: [CLS]/[SEP] for BERT,
-        <|startoftext|>/<|endoftext|> for CLIP) and its padding token."""
-        ids = self.tokenizer("")["input_ids"]
-        if len(ids) != 2:
-            raise ValueError(f"tokenizer {self.config.input.tokenizer!r} does not wrap a caption in a start and "
-                             f"an end token (an empty caption gives {ids}); the decoder needs both")
-        pad = self.tokenizer.pad_token_id
-        return int(ids[0]), int(ids[1]), int(ids[1] if pad is None else pad)
-
     def decode(self, token_ids: np.ndarray) -> list[str]:
-        _, end, pad = self._start_end_pad
-        ids = np.array(token_ids, copy=True)
-        after = np.cumsum(ids[:, 1:] == end, axis=1) > 0  # the end token and whatever follows it
-        ids[:, 1:][after] = pad
-        return text_lib.decode_tokens(self.tokenizer, ids)
+        return self.decode_to_end(token_ids)
 
     # ---- parameters ------------------------------------------------------------------------------
     def _apply(self, params, *args, method, **kw):
@@ -323,7 +308,7 @@ class Coca(base.Family):
     def prepare(self, params, train_batches: Iterator[dict[str, jax.Array]]):
         """The closed vocabulary's ids from one epoch of training captions (nothing else to prepare); also
         checks that the text tower pools at the tokenizer's end token."""
-        start, end, pad = self._start_end_pad
+        start, end, pad = self.start_end_pad
         if not self.clip_config.bert_text:  # CLIP's tower pools at the end token; a BERT's at [CLS]
             eos = self.clip_config.text.eos_token_id
             config_lib.check(eos == end or eos == 2, "config.model.clip.config.text.eos_token_id",
@@ -412,7 +397,7 @@ class Coca(base.Family):
         return {"cond": self._apply(params, img_tokens, method=CocaModel.condition)}
 
     def _special_classes(self, params):
-        start, end, pad = self._start_end_pad
+        start, end, pad = self.start_end_pad
         ids = jnp.asarray([start, end, pad], jnp.int32)
         classes = self._to_classes(params, ids)[0] if self.vocab_size else ids
         return classes[0], classes[1], classes[2]
