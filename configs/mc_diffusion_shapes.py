@@ -41,6 +41,8 @@ def get_config(arg=None):
     c.model = dict(
         image_tokenizer=tokenizer,
         code_embedding="learned" if arg.learned_codes else "codebook",
+        # The training images' codes computed once and kept with the parameters (5000 x 64), not every step.
+        code_cache=True,
         denoiser=dict(preset="tiny", overrides=dict(dropout=0.0, attention_dropout=0.0)),
         vocab="train", max_vocab=128,
         diffusion=dict(num_timesteps=100, kind="absorbing" if arg.absorbing else "mask_replace",
@@ -55,7 +57,7 @@ def get_config(arg=None):
     c.stop_at_step = 0
     c.optim = dict(lr=1e-3, warmup=0.05, decay="linear", end_lr_factor=0.0, weight_decay=0.01,
                    b1=0.9, b2=0.96, eps=1e-8, grad_clip=1.0,
-                   frozen=[r"^image_tokenizer/", r"^(vocab_ids|loss_history|loss_counts)$"])
+                   frozen=[r"^image_tokenizer/", r"^(vocab_ids|loss_history|loss_counts|code_ids|code_table)$"])
     c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
     c.distributed = distributed_section()
     c.sharding_rules = [(r"(kernel|embedding)$", "fsdp"), (r".*", "replicate")]

@@ -1,7 +1,8 @@
 """Optimizer from config: AdamW, warmup + linear/cosine decay, clipping, freezing by regex.
 
 ``config.optim`` fields:
-  lr, warmup (fraction of total steps if < 1, else steps), decay ("linear" | "cosine" | "constant"),
+  lr, warmup (fraction of total steps if < 1, else steps), warmup_init_lr (where the warmup starts,
+  default 0), decay ("linear" | "cosine" | "constant"),
   end_lr_factor, weight_decay, b1, b2, eps, grad_clip (0 = off),
   frozen: list of regexes over parameter paths ("text/lower/.*"); matched parameters get no update.
 Weight decay applies to matrices (ndim >= 2) only, not to biases, LayerNorm scales or the like.
@@ -39,7 +40,8 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
         raise ValueError(f"config.optim.decay must be linear, cosine or constant, got {optim_cfg.decay!r}")
     if warm == 0:
         return decay
-    return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), decay], [warm])
+    start = optim_cfg.get("warmup_init_lr", 0.0)
+    return optax.join_schedules([optax.linear_schedule(start, peak, warm), decay], [warm])
 
 
 def frozen_mask(params: Any, patterns: list[str]) -> Any:

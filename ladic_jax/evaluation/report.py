@@ -567,6 +567,43 @@ def plot_sweep(records: Sequence[Mapping[str, Any]], axes: Sequence[str], axis: 
     _write_atomically(epath.Path(out_png), buffer.getvalue())
 
 
+TRADEOFF_COLUMNS = (("bleu_4", "BLEU-4"), ("cider", "CIDEr-D"))
+
+
+def plot_tradeoff(records: Sequence[Mapping[str, Any]], axes: Sequence[str], along: str, out_png: str | os.PathLike
+                  ) -> None:
+    """The reference-free / reference-based trade-off of a sweep (MC-Diffusion's guidance figure): CLIPScore
+    (y) against BLEU-4 and CIDEr (x), one panel each; one line per combination of the swept settings other
+    than `along`, its points in the order of `along` and labelled with its value."""
+    if not any(_number(r.get("clip_score")) is not None for r in records):
+        raise ValueError("no clip_score in the evaluations: the trade-off plot needs config.eval.clip")
+    others = [a for a in axes if a != along]
+    lines: dict[tuple, list[Mapping[str, Any]]] = {}
+    for record in records:
+        lines.setdefault(tuple(sampler_value(record, a) for a in others), []).append(record)
+    figure = Figure(figsize=(4.6 * len(TRADEOFF_COLUMNS), 3.8), dpi=100, layout="constrained")
+    panels = figure.subplots(1, len(TRADEOFF_COLUMNS))
+    for panel, (key, title) in zip(panels, TRADEOFF_COLUMNS):
+        for i, (combo, group) in enumerate(sorted(lines.items(), key=lambda kv: _order_key(kv[0]))):
+            group = sorted(group, key=lambda r: _order_key([sampler_value(r, along)]))
+            xs = [np.nan if (v := _number(r.get(key))) is None else 100.0 * v for r in group]
+            ys = [np.nan if (v := _number(r.get("clip_score"))) is None else v for r in group]
+            label = ", ".join(f"{a}={_setting(v)}" for a, v in zip(others, combo)) or None
+            panel.plot(xs, ys, marker="o", markersize=4, color=f"C{i}", label=label)
+            for x, y, r in zip(xs, ys, group):
+                panel.annotate(_setting(sampler_value(r, along)), (x, y), textcoords="offset points", xytext=(3, 3),
+                               fontsize=7, color=f"C{i}")
+        panel.set_xlabel(f"{title} x100")
+        panel.set_ylabel("CLIPScore")
+        panel.set_title(f"CLIPScore vs {title} ({along} labelled)")
+        panel.grid(True, alpha=0.3)
+    if others:
+        panels[-1].legend(fontsize="small", loc="best")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    _write_atomically(epath.Path(out_png), buffer.getvalue())
+
+
 def sweep_name(step: int, axes: Sequence[str]) -> str:
     """Base name of a sweep's files: ``sweep_step<N>_<axis>_<axis>``."""
     return f"sweep_step{_check_step(step)}_" + "_".join(re.sub(r"[^A-Za-z0-9.]", "-", a) for a in axes)
@@ -575,7 +612,8 @@ def sweep_name(step: int, axes: Sequence[str]) -> str:
 def write_sweep(workdir: str | os.PathLike, step: int, records: Sequence[Mapping[str, Any]], axes: Sequence[str]
                 ) -> tuple[epath.Path, list[epath.Path]]:
     """Writes a sweep of checkpoint `step` over the sampler settings `axes`: ``eval/<name>.txt`` (the table,
-    with a column per axis beyond T and w) and ``eval/<name>_vs_<axis>.png`` per axis (`plot_sweep`). Returns the paths."""
+    with a column per axis beyond T and w) and ``eval/<name>_vs_<axis>.png`` per axis (`plot_sweep`), and with
+    CLIPScores ``eval/<name>_clipscore_tradeoff.png`` (`plot_tradeoff`, along guidance when swept). Returns the paths."""
     if not axes:
         raise ValueError("a sweep needs at least one swept setting")
     name = sweep_name(step, axes)
@@ -587,5 +625,10 @@ def write_sweep(workdir: str | os.PathLike, step: int, records: Sequence[Mapping
     for axis in axes:
         path = eval_dir(workdir) / f"{name}_vs_{re.sub(r'[^A-Za-z0-9.]', '-', axis)}.png"
         plot_sweep(records, axes, axis, path)
+        plots.append(path)
+    if any(_number(r.get("clip_score")) is not None for r in records):
+        along = "guidance" if "guidance" in axes else axes[0]
+        path = eval_dir(workdir) / f"{name}_clipscore_tradeoff.png"
+        plot_tradeoff(records, axes, along, path)
         plots.append(path)
     return table_path, plots

@@ -235,3 +235,20 @@ def test_run_summary_and_comparison(tmp_path):
     assert lines[5].startswith("| B | - | 7 | - | - | 20.0 |")
     report.plot_comparison([("A", summary), ("B", {"bleu_4": 0.2})], tmp_path / "c.png")
     assert Image.open(tmp_path / "c.png").size[0] > 0
+
+
+def test_sweep_with_clip_scores_plots_the_tradeoff(tmp_path):
+    """A guidance sweep with CLIPScores adds the CLIPScore-vs-BLEU/CIDEr figure, one line per guidance kind."""
+    records = [{"bleu_4": 0.3 + 0.02 * s, "cider": 1.0 + 0.1 * s, "meteor": 0.3, "rouge_l": 0.5,
+                "clip_score": 2.0 - 0.05 * s * (k == "cfg"), "num_images": 4, "sampling_steps": 10,
+                "sampler": {"steps": 10, "guidance": float(s), "guidance_kind": k}}
+               for s in (1, 2, 3) for k in ("mcs", "cfg")]
+    table, plots = report.write_sweep(str(tmp_path), 7, records, ["guidance", "guidance_kind"])
+    names = [p.name for p in plots]
+    assert f"{report.sweep_name(7, ['guidance', 'guidance_kind'])}_clipscore_tradeoff.png" in names
+    assert all(p.exists() and p.read_bytes()[:4] == b"\x89PNG" for p in plots)
+    without = [{k: v for k, v in r.items() if k != "clip_score"} for r in records]
+    _, plots = report.write_sweep(str(tmp_path), 8, without, ["guidance", "guidance_kind"])
+    assert not any("tradeoff" in p.name for p in plots)
+    with pytest.raises(ValueError, match="clip_score"):
+        report.plot_tradeoff(without, ["guidance"], "guidance", tmp_path / "x.png")

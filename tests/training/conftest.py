@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from tiny_setup import make_tiny_config
+from tiny_setup import REPO, make_tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -42,3 +44,36 @@ def tiny_clip_dir(tiny_data_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("tiny_clip") / "clip")
     convert_cli.main(["clip", "--workdir", workdir, "--out", out])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_vq_dir(tiny_data_dir, tmp_path_factory):
+    """A tiny VQ-VAE trained on the tiny shapes data (configs/vqvae_shapes.py:runlocal shrunk, 300 steps) and
+    exported by ``ladic-convert vqvae``: the image tokenizer of the discrete family's tests. Its run
+    directory is returned too (``tiny_vq_dir.workdir``), with the reconstruction evaluation written."""
+    from ladic_jax import config as config_lib
+    from ladic_jax import trainer
+    from ladic_jax.cli import convert as convert_cli
+    workdir = str(tmp_path_factory.mktemp("tiny_vq_run"))
+    cfg = config_lib.load_config(os.path.join(REPO, "configs/vqvae_shapes.py") + ":runlocal,steps=300")
+    with cfg.unlocked():
+        cfg.input.dataset = "shapes_captions/tiny"
+        cfg.input.data_dir = tiny_data_dir
+        cfg.model.update(channels=(32, 32, 32), embed_dim=16, num_codes=32, dead_code_threshold=0.05)
+        cfg.optim.update(lr=5e-3, warmup=0.05)
+        cfg.input.batch_size = 16
+        cfg.checkpoint.every_steps = 1000
+        cfg.log_every = 50
+    trainer.train_and_evaluate(cfg, workdir)
+    out = str(tmp_path_factory.mktemp("tiny_vq") / "vq")
+    convert_cli.main(["vqvae", "--workdir", workdir, "--out", out])
+    return TinyVQ(out, workdir)
+
+
+class TinyVQ(str):
+    """The export directory (a str), with the run directory it came from."""
+
+    def __new__(cls, path, workdir):
+        obj = super().__new__(cls, path)
+        obj.workdir = workdir
+        return obj
