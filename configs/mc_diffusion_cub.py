@@ -52,10 +52,11 @@ def get_config(arg=None):
         # VQGAN encoder's forward on every step.
         code_cache=False,
         denoiser=dict(preset="small", overrides=dict(depth=18, dropout=0.1, attention_dropout=0.1)),
-        vocab="full", max_vocab=0,
+        vocab="full", max_vocab=0, vocab_size=49408,  # CLIP's BPE ids (stated: builds without the tokenizer)
         diffusion=dict(num_timesteps=100, kind="mask_replace", timestep_sampling="importance", min_count=10),
         aux_weight=1.0, p_cond=0.1, p_mask=0.1, p_null=0.1)
-    c.sampler = dict(steps=100, guidance=1.0, guidance_kind="mcs", mcs_mask_rate=0.1, mcs_literal=False)
+    c.sampler = dict(steps=100, guidance=1.0, guidance_kind="mcs", mcs_mask_rate=0.1, mcs_literal=False,
+                     truncation=1.0)
     c.sampler.back_refine = dict(enabled=False, at=0.5, keep=0.5)
     c.sampler.mbr, c.sampler.mbr_metric = 1, "bleu"
 
@@ -78,6 +79,7 @@ def get_config(arg=None):
         c.num_epochs = 0
         c.input.update(dataset="coco_captions/2014", image_size=32, batch_size=8, eval_batch_size=8,
                        shuffle_buffer=16, tokenizer="minilm")
+        c.model.vocab_size = 30522
         c.model.image_tokenizer = dict(kind="vqgan", config=dict(
             VQGAN_F8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,
             down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"), num_vq_embeddings=32))

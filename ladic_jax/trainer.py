@@ -400,12 +400,9 @@ def _evaluate(evaluator: Evaluator, state, step, workdir, config, writer) -> dic
         res = evaluator.run(state["params"], step=step, workdir=workdir, steps=n_steps,
                             limit=config.eval.get("limit") or None, tag=tag)
         if jax.process_index() == 0:
-            shown = {k: res[k] for k in ("bleu_4", "cider", "meteor", "rouge_l", "clip_score", "sem_fully_correct",
-                                         "clip_i2t_recall@1", "recon_mse", "psnr", "codebook_used") if res.get(k) is not None}
             what = f"{n_steps} sampling steps, " if captions else ""
             print(f"[eval] step {step}, {what}{res['num_images']} images "
-                  f"({time.perf_counter() - t0:.0f}s): " + " ".join(f"{k}={v:.4f}" for k, v in shown.items()),
-                  flush=True)
+                  f"({time.perf_counter() - t0:.0f}s): " + report.headline(res), flush=True)
             prefix = f"eval_s{n_steps}/" if captions else "eval/"
             writer.write(step, {k: v for k, v in res.items() if isinstance(v, (int, float))}, prefix=prefix)
             out.update({prefix + k: v for k, v in res.items()})

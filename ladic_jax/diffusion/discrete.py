@@ -528,6 +528,21 @@ def guided_log_probs(log_p_cond: jax.Array, log_p_weak: jax.Array, scale: float 
     return jax.nn.log_softmax(weak + scale * (cond - weak), axis=-1)
 
 
+def truncate_log_probs(log_p: jax.Array, rate: float) -> jax.Array:
+    """Top-mass truncation of x̂0 (VQ-Diffusion's sampling ``truncation_rate``): per row of the last axis, the
+    most probable classes whose probabilities sum to ``rate`` keep their mass (the class that crosses it
+    included, and the argmax always), the rest are set to LOG_FLOOR, then renormalised. rate >= 1: unchanged."""
+    if rate >= 1.0:
+        return log_p
+    log_p = _as_log_probs(log_p)
+    p = jnp.exp(log_p - jax.nn.logsumexp(log_p, axis=-1, keepdims=True))
+    ranked = -jnp.sort(-p, axis=-1)
+    before = jnp.cumsum(ranked, axis=-1) - ranked            # mass strictly above each ranked class
+    kept = jnp.where(before < rate, ranked, jnp.inf)          # the classes inside the top mass
+    threshold = jnp.min(kept, axis=-1, keepdims=True)
+    return jax.nn.log_softmax(jnp.where(p >= threshold, log_p, LOG_FLOOR), axis=-1)
+
+
 def sample_categorical(rng: jax.Array, log_probs: jax.Array) -> jax.Array:
     """One draw per row of the last axis (Gumbel-max: argmax of log_probs + Gumbel noise); int32."""
     gumbel = jax.random.gumbel(rng, log_probs.shape, jnp.float32)

@@ -137,8 +137,7 @@ def evaluate_run(workdir: str, *, steps: list[int] | None = None, sampling_steps
             res = evaluator.run(params, step=step, workdir=workdir, limit=limit, tag=tag, sampler_cfg=sampler_cfg,
                                 split=split, trajectory=trajectory)
             if jax.process_index() == 0:
-                print(f"[eval] step {step}{tag}: BLEU-4 {res['bleu_4']:.4f} CIDEr {res['cider']:.4f} "
-                      f"({res['num_images']} images)", flush=True)
+                print(f"[eval] step {step}{tag}: {report.headline(res)} ({res['num_images']} images)", flush=True)
             done[f"step_{step}{tag}"] = res
     evaluator.close()
     if jax.process_index() == 0:

@@ -604,6 +604,15 @@ def plot_tradeoff(records: Sequence[Mapping[str, Any]], axes: Sequence[str], alo
     _write_atomically(epath.Path(out_png), buffer.getvalue())
 
 
+HEADLINE = ("bleu_4", "cider", "meteor", "rouge_l", "clip_score", "sem_fully_correct", "clip_i2t_recall@1",
+            "recon_mse", "psnr", "codebook_used")
+
+
+def headline(result: Mapping[str, Any]) -> str:
+    """The main scores of an evaluation that has them, as ``key=value`` (a captioner's or an autoencoder's)."""
+    return " ".join(f"{k}={v:.4f}" for k in HEADLINE if (v := _number(result.get(k))) is not None)
+
+
 def sweep_name(step: int, axes: Sequence[str]) -> str:
     """Base name of a sweep's files: ``sweep_step<N>_<axis>_<axis>``."""
     return f"sweep_step{_check_step(step)}_" + "_".join(re.sub(r"[^A-Za-z0-9.]", "-", a) for a in axes)

@@ -38,7 +38,6 @@ Config (``config.model``):
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 from typing import Any, Iterator
@@ -49,7 +48,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ladic_jax import config as config_lib
-from ladic_jax.data import text as text_lib
 from ladic_jax.encoders import loading
 from ladic_jax.encoders.bert import BertConfig
 from ladic_jax.encoders.clip import CLIP, CLIPConfig, CLIPTextConfig

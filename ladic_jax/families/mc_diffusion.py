@@ -26,20 +26,21 @@ with the Masked Condition Strategy.
   samples with that reading, for comparison. Both passes of a guided step run as one batched call.
 - Sampling: the shared loop over ``sampler.steps`` (<= T) timesteps evenly spaced from T − 1 to 0, each step
   drawing x_s from the closed-form posterior q(x_s | x_t, x̂0) (skipping the steps between), the last step
-  taking the argmax of x̂0. Starts from all [MASK].
+  taking the argmax of x̂0. Starts from all [MASK]. ``sampler.truncation`` = r < 1 keeps only the classes
+  in the top r of x̂0's mass before the posterior (VQ-Diffusion's truncation sampling; 1 = off).
 
 Config (``config.model``): image_tokenizer (path: a VQ-VAE export or a diffusers VQModel directory; or
 kind "vqvae"/"vqgan" + config sizes, randomly initialised: for AOT and tests), code_embedding ("codebook":
-a projection of the frozen VQ codebook vectors; "learned": a table), denoiser (preset + overrides),
-vocab/max_vocab, code_cache (the training images' codes computed once, in
+a projection of the frozen VQ codebook vectors; "learned": a table), code_encoder_depth (self-attention
+blocks over the code tokens before the cross-attention; 0 = none, as the paper), denoiser (preset + overrides),
+vocab/max_vocab (and vocab_size: the tokenizer's, stated), code_cache (the training images' codes computed once, in
 ``prepare``, and kept with the parameters; else computed on the fly every step), diffusion (num_timesteps, kind, schedule ends att_1/att_T/ctt_1/ctt_T, timestep_sampling
 "importance" | "uniform", min_count), aux_weight, p_cond, p_mask, p_null.
 """
 
 from __future__ import annotations
 
-import functools
-import json
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -62,7 +63,6 @@ from ladic_jax.sharding import path_str, to_host
 GUIDANCE_KINDS = ("mcs", "cfg")
 TIMESTEP_SAMPLING = ("importance", "uniform")
 TOKENIZER_KINDS = ("vqvae", "vqgan")
-_HISTORY = ("loss_history", "loss_counts")
 
 
 # ------------------------------------------------------------------------------------- the image tokenizer
@@ -122,13 +122,15 @@ class MCModel(nn.Module):
     closed_vocab: bool
     num_timesteps: int
     code_embedding: str
+    code_encoder_depth: int = 0
     cache_size: int = 0
     dtype: Any = jnp.float32
 
     def setup(self):
         self.image_tokenizer = self.tokenizer_module.clone()
         self.denoiser = DiscreteDenoiser(self.denoiser_config, self.num_classes, self.num_codes,
-                                         self.num_image_tokens, self.code_embedding, dtype=self.dtype)
+                                         self.num_image_tokens, self.code_embedding, self.code_encoder_depth,
+                                         dtype=self.dtype)
         if self.closed_vocab:
             self.vocab_ids = self.param("vocab_ids", nn.initializers.zeros, (self.num_classes,), jnp.float32)
         if self.cache_size:  # codes of the training images, by image id (model.code_cache)
@@ -197,7 +199,9 @@ class MCDiffusion(base.Family):
         m = config.model
         self.image_tokenizer = ImageTokenizer(m.image_tokenizer, config.input.image_size)
         self.vocab_size = vocab_lib.size(config)
-        self.num_classes = self.vocab_size or self.tokenizer.vocab_size
+        # K: the closed vocabulary's size, or the tokenizer's (``model.vocab_size`` states it, so that the model
+        # builds without the tokenizer at hand, e.g. for AOT fit checks; checked against it when loaded)
+        self.num_classes = self.vocab_size or m.get("vocab_size") or self.tokenizer.vocab_size
         d = m.diffusion
         ends = {k: d[k] for k in ("att_1", "att_T", "ctt_1", "ctt_T") if d.get(k) is not None}
         try:
@@ -214,7 +218,8 @@ class MCDiffusion(base.Family):
         self.cache_size = (pipeline.num_eval_examples(config.input, config.input.train_split)
                            if m.get("code_cache", False) else 0)
         self.module = MCModel(tok.module, tok.kind, tok.num_codes, tok.num_tokens, self.denoiser_config, self.num_classes, bool(self.vocab_size),
-                              int(d.num_timesteps), m.get("code_embedding", "codebook"), self.cache_size,
+                              int(d.num_timesteps), m.get("code_embedding", "codebook"),
+                              int(m.get("code_encoder_depth", 0)), self.cache_size,
                               dtype=jnp.dtype(config.get("dtype", "float32")))
         inp = config.input
         # input normalisation -> [0, 1] -> the tokenizer's normalisation
@@ -231,6 +236,8 @@ class MCDiffusion(base.Family):
         c.check("image_tokenizer" in m, "config.model.image_tokenizer",
                 "is missing: a VQ-VAE export / diffusers VQModel directory (path) or kind + config")
         c.require_choice(config, "model.code_embedding", CODE_EMBEDDINGS)
+        if "code_encoder_depth" in m:
+            c.require_nonnegative(config, "model.code_encoder_depth", integer=True)
         T = c.require_positive(config, "model.diffusion.num_timesteps", integer=True)
         c.require_choice(config, "model.diffusion.kind", discrete.KINDS)
         c.require_choice(config, "model.diffusion.timestep_sampling", TIMESTEP_SAMPLING)
@@ -252,6 +259,9 @@ class MCDiffusion(base.Family):
         rate = c.get_field(config, "sampler.mcs_mask_rate")
         c.check(isinstance(rate, (int, float)) and 0 < rate <= 1, "config.sampler.mcs_mask_rate",
                 f"must be in (0, 1], got {rate!r}")
+        trunc = config.sampler.get("truncation", 1.0)
+        c.check(isinstance(trunc, (int, float)) and 0 < trunc <= 1, "config.sampler.truncation",
+                f"must be in (0, 1] (the x0 probability mass kept; 1 = all), got {trunc!r}")
         lit = config.sampler.get("mcs_literal", False)
         c.check(isinstance(lit, bool), "config.sampler.mcs_literal", f"must be a bool, got {lit!r}")
         br = config.sampler.get("back_refine")
@@ -264,7 +274,6 @@ class MCDiffusion(base.Family):
             c.check(not augmented, "config.model.code_cache", f"needs the training images unaugmented: "
                     f"config.input.{augmented[0] if augmented else ''} changes them from epoch to epoch")
         frozen = list(config.optim.get("frozen", []))
-        import re
         for name in (("image_tokenizer/x", "loss_history", "loss_counts") + (("vocab_ids",) if m.vocab == "train" else ())
                      + (("code_ids", "code_table") if cache else ())):
             c.check(any(re.search(p, name) for p in frozen), "config.optim.frozen",
@@ -273,6 +282,12 @@ class MCDiffusion(base.Family):
     # ---- text --------------------------------------------------------------------------------------
     def decode(self, token_ids: np.ndarray) -> list[str]:
         return self.decode_to_end(token_ids)
+
+    def _check_vocab_size(self) -> None:
+        if not self.vocab_size and len(self.tokenizer) > self.num_classes:
+            raise config_lib.ConfigError(
+                f"config.model.vocab_size={self.num_classes} is smaller than tokenizer "
+                f"{self.config.input.tokenizer!r}'s {len(self.tokenizer)} ids")
 
     def _apply(self, params, *args, method, **kw):
         return self.module.apply({"params": params}, *args, method=method, **kw)
@@ -311,6 +326,7 @@ class MCDiffusion(base.Family):
     def prepare(self, params, train_batches: Iterator[dict[str, jax.Array]]):
         """The closed vocabulary (one epoch of training captions) and, with ``model.code_cache``, the codes of
         every training image, computed once (the stream is read until each image id has been seen)."""
+        self._check_vocab_size()
         out, notes = {}, []
         vocab_batches = vocab_lib.epoch_batches(self.config) if self.vocab_size else 0
         seen: set[int] = set()
@@ -439,6 +455,7 @@ class MCDiffusion(base.Family):
     def denoise_step(self, params, context, state, t, t_next, rng, sampler_cfg):
         k_mask, k_step = jax.random.split(rng)
         log_p = self.log_x0(params, context, state, t, k_mask, sampler_cfg)
+        log_p = discrete.truncate_log_probs(log_p, float(sampler_cfg.get("truncation", 1.0)))
         B = state.shape[0]
         return discrete.denoise_step(self.schedule, log_p, state, jnp.full((B,), t, jnp.int32),
                                      jnp.full((B,), t_next, jnp.int32), k_step)

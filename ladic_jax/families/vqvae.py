@@ -17,6 +17,7 @@ the batch; 0 = never).
 
 from __future__ import annotations
 
+import re
 from typing import Iterator
 
 import jax
@@ -59,7 +60,6 @@ class VQVAEFamily(base.Family):
                 f"config.input.image_size={size}")
         if self.vq_config.codebook_update == "ema":
             frozen = list(config.optim.get("frozen", []))
-            import re
             for name in _EMA_STATE:
                 c.check(any(re.search(p, name) for p in frozen), "config.optim.frozen",
                         f"must match {name}: with the EMA codebook update it is set by the step, not the optimizer")

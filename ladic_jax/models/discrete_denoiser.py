@@ -15,12 +15,14 @@ classifier-free guidance). Each code becomes a token of width ``cond_dim``:
     code_embedding = "learned":  a table (num_codes + 1, cond_dim)
                    = "codebook": Dense(codebook[code]) from the frozen VQ codebook (num_codes, D), so that
                      codes whose vectors are near start near; [MASK] a learned vector
-    + code_positions (N, cond_dim), then LayerNorm.
+    + code_positions (N, cond_dim), then ``code_encoder_depth`` pre-LN self-attention blocks over the N code
+    tokens (0 in the paper, whose VQGAN encoder already has attention; a small convolutional VQ-VAE's codes
+    see only their patch), then LayerNorm.
 
 ``condition`` computes every block's cross-attention keys/values once per image; ``denoise`` reuses them.
 Parameters: ``token_embedding``, ``position_embeddings``, ``time_mlp_{in,out}``, ``embed_norm``,
 ``block_{i}/...``, ``final_norm`` (pre-LN), ``head``, ``code_table`` or ``code_proj`` + ``mask_code``,
-``code_positions``, ``code_norm``.
+``code_positions``, ``code_encoder_{i}`` (``encoders.pre_norm_block``), ``code_norm``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ladic_jax.encoders.pre_norm_block import PreNormBlock
 from ladic_jax.models.diffuser import CrossKV, DiffuserBlock, DiffuserConfig, sinusoid_features
 
 CODE_EMBEDDINGS = ("learned", "codebook")
@@ -43,6 +46,7 @@ class DiscreteDenoiser(nn.Module):
     num_codes: int           # image codebook size; code index num_codes is the masked image token
     num_image_tokens: int    # N
     code_embedding: str = "learned"
+    code_encoder_depth: int = 0
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -69,6 +73,8 @@ class DiscreteDenoiser(nn.Module):
             self.mask_code = self.param("mask_code", nn.initializers.normal(0.02), (c.cond_dim,))
         self.code_positions = self.param("code_positions", nn.initializers.normal(0.02),
                                          (self.num_image_tokens, c.cond_dim))
+        self.code_encoder = [PreNormBlock(c.num_heads, c.mlp_dim, "gelu", c.layer_norm_eps, dtype=self.dtype,
+                                          name=f"code_encoder_{i}") for i in range(self.code_encoder_depth)]
         self.code_norm = norm(name="code_norm")
 
     def condition(self, codes: jax.Array, codebook: jax.Array | None = None) -> CrossKV:
@@ -85,7 +91,10 @@ class DiscreteDenoiser(nn.Module):
             vectors = jnp.take(codebook, jnp.minimum(codes, self.num_codes - 1), axis=0)
             e = jnp.where(masked[..., None], self.mask_code.astype(self.dtype),
                           self.code_proj(jax.lax.stop_gradient(vectors).astype(self.dtype)))
-        e = self.code_norm(e + self.code_positions.astype(self.dtype))
+        e = e + self.code_positions.astype(self.dtype)
+        for block in self.code_encoder:
+            e = block(e)
+        e = self.code_norm(e)
         return tuple(block.cross_key_value(e) for block in self.blocks)
 
     def denoise(self, x_t: jax.Array, t: jax.Array, cond: CrossKV, deterministic: bool = True) -> jax.Array:

@@ -479,3 +479,16 @@ def test_no_quadratic_arrays_for_a_bert_vocabulary(kind):
     if kind == "mask_replace":
         out = losses(sched, logits, x0, x_t, t)
         assert all(np.all(np.isfinite(np.asarray(v))) for v in out.values())
+
+
+def test_truncation_keeps_the_top_mass_and_renormalises():
+    p = np.array([[0.5, 0.05, 0.3, 0.15], [0.9, 0.04, 0.03, 0.03]])
+    # r = 0.6: 0.5 is below it, 0.3 crosses it -> {0, 2} kept; second row: the argmax alone crosses it.
+    got = np.exp(np.asarray(discrete.truncate_log_probs(jnp.log(jnp.asarray(p, jnp.float32)), 0.6)))
+    np.testing.assert_allclose(got[0], [0.5 / 0.8, 0.0, 0.3 / 0.8, 0.0], atol=1e-6)
+    np.testing.assert_allclose(got[1], [1.0, 0.0, 0.0, 0.0], atol=1e-6)
+    same = discrete.truncate_log_probs(jnp.log(jnp.asarray(p, jnp.float32)), 1.0)
+    np.testing.assert_allclose(np.exp(np.asarray(same)), p, rtol=1e-6)
+    tiny = np.exp(np.asarray(discrete.truncate_log_probs(jnp.log(jnp.asarray(p, jnp.float32)), 1e-3)))
+    np.testing.assert_allclose(tiny.argmax(-1), p.argmax(-1))
+    np.testing.assert_allclose(tiny.max(-1), 1.0, atol=1e-6)  # r -> 0: the argmax alone
