@@ -22,7 +22,7 @@ from ladic_jax.evaluation.evaluator import sampler_config
 from ladic_jax.families import mc_diffusion
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS = 400
+STEPS = 600
 
 
 # ------------------------------------------------------------------------------------------------ VQ-VAE
