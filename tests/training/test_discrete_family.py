@@ -20,6 +20,7 @@ from ladic_jax.data.text import normalize_caption
 from ladic_jax.evaluation import report
 from ladic_jax.evaluation.evaluator import sampler_config
 from ladic_jax.families import mc_diffusion
+from tiny_setup import memorise
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STEPS = 600
@@ -113,15 +114,7 @@ def _tiny_config(data_dir: str, vq_dir: str, spec_args: str = "", overrides=()):
 @pytest.fixture(scope="module")
 def memorised(tiny_data_dir, tiny_vq_dir):
     cfg = _tiny_config(tiny_data_dir, tiny_vq_dir)
-    sk = trainer.skeleton(cfg)
-    state, _ = trainer.fresh_state(sk, cfg)
-    host = next(pipeline.make_eval_iterator(cfg.input, sk.family.tokenizer, split="train", batch_size=8))
-    batch = sharding.global_batch({k: host[k] for k in ("image", "tokens", "token_mask")}, sk.mesh)
-    step = trainer.make_train_step(sk)
-    losses = []
-    for _ in range(STEPS):
-        state, m = step(state, batch)
-        losses.append(float(m["loss"]))
+    sk, state, host, losses = memorise(cfg, STEPS)
     return cfg, sk, state, host, losses
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from ladic_jax import sampler as sampler_lib
-from ladic_jax import sharding, trainer
-from ladic_jax.data import pipeline
+from ladic_jax import sharding
 from ladic_jax.data.text import normalize_caption
 from ladic_jax.evaluation import report
 from ladic_jax.evaluation.evaluator import Evaluator, sampler_config
+from tiny_setup import memorise
 
 STEPS = 2000
 
@@ -33,16 +33,7 @@ def overfit(tiny_data_dir, tmp_path_factory):
     # 0.20 and 2-4 of 8; 1600 and 2000 steps, loss 0.09 / 0.06 and 8/8 for DDIM and re-noising, seeds 3, 4.
     cfg = make_tiny_config(tiny_data_dir, ["optim.lr=3e-3", "model.uncond_prob=0.0", "diffusion.noise_factor=1.0",
                                            "model.diffuser.overrides.width=128", "model.image_words_weight=0.0"])
-    sk = trainer.skeleton(cfg)
-    state, _ = trainer.fresh_state(sk, cfg)
-    # The batch to memorise: the first 8 training images with their first reference caption.
-    host = next(pipeline.make_eval_iterator(cfg.input, sk.family.tokenizer, split="train", batch_size=8))
-    batch = sharding.global_batch({k: host[k] for k in ("image", "tokens", "token_mask")}, sk.mesh)
-    step = trainer.make_train_step(sk)
-    losses = []
-    for _ in range(STEPS):
-        state, m = step(state, batch)
-        losses.append(float(m["loss"]))
+    sk, state, host, losses = memorise(cfg, STEPS)
     return cfg, sk, state, host, losses, tmp_path_factory.mktemp("overfit_run")
 
 

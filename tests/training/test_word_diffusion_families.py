@@ -12,11 +12,11 @@ import pytest
 
 from ladic_jax import config as config_lib
 from ladic_jax import sampler as sampler_lib
-from ladic_jax import sharding, trainer
-from ladic_jax.data import pipeline
+from ladic_jax import sharding
 from ladic_jax.data.text import normalize_caption
 from ladic_jax.evaluation import report
 from ladic_jax.evaluation.evaluator import sampler_config
+from tiny_setup import memorise
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = {"clip_diffusionlm": "configs/clip_diffusionlm_shapes.py",
@@ -42,15 +42,7 @@ def _tiny_config(family: str, data_dir: str, clip_dir: str, overrides=()):
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def memorised(request, tiny_data_dir, tiny_clip_dir):
     cfg = _tiny_config(request.param, tiny_data_dir, tiny_clip_dir)
-    sk = trainer.skeleton(cfg)
-    state, _ = trainer.fresh_state(sk, cfg)
-    host = next(pipeline.make_eval_iterator(cfg.input, sk.family.tokenizer, split="train", batch_size=8))
-    batch = sharding.global_batch({k: host[k] for k in ("image", "tokens", "token_mask")}, sk.mesh)
-    step = trainer.make_train_step(sk)
-    losses = []
-    for _ in range(STEPS):
-        state, m = step(state, batch)
-        losses.append(float(m["loss"]))
+    sk, state, host, losses = memorise(cfg, STEPS)
     return cfg, sk, state, host, losses
 
 

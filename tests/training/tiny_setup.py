@@ -49,3 +49,20 @@ def make_tiny_coca_config(data_dir: str, overrides: list[str] = ()):
         cfg.model.decoder.overrides.update(width=64, depth=2, num_heads=2, mlp_dim=128)
     config_lib.apply_overrides(cfg, list(overrides))
     return cfg
+
+
+def memorise(cfg, steps: int):
+    """Trains a fresh model of ``cfg`` on one batch (the first 8 training images with their first reference)
+    for ``steps`` steps: (skeleton, state, the host batch, the losses)."""
+    from ladic_jax import sharding, trainer
+    from ladic_jax.data import pipeline
+    sk = trainer.skeleton(cfg)
+    state, _ = trainer.fresh_state(sk, cfg)
+    host = next(pipeline.make_eval_iterator(cfg.input, sk.family.tokenizer, split="train", batch_size=8))
+    batch = sharding.global_batch({k: host[k] for k in ("image", "tokens", "token_mask")}, sk.mesh)
+    step = trainer.make_train_step(sk)
+    losses = []
+    for _ in range(steps):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    return sk, state, host, losses
