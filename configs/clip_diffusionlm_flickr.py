@@ -11,15 +11,16 @@ repeats removed.
 Not in the paper, chosen here: batch 64, a timestep embedding (the authors' code feeds none:
 ``--config.model.denoiser.time_embedding=False``), the CLIP feature L2-normalised.
 
-Datasets: ``karpathy_captions/flickr8k`` and ``karpathy_captions/flickr30k+8k`` are TFDS builders over
-Karpathy's split files (their builders are the work of the real-datasets issue; until they land, any
-prepared TFDS dataset with coco_captions' features can stand in via --config.input.dataset).
+Datasets: ``karpathy_captions/flickr8k`` and ``karpathy_captions/flickr30k+8k``, this project's builders over
+Karpathy's split files and the Flickr image folders (``ladic-data build karpathy_captions --config
+flickr30k+8k --manual_dir DIR --data_dir DATA_DIR``; the union keeps a photo found in both sets once).
 
   ladic-train --config configs/clip_diffusionlm_flickr.py:data=flickr30k+8k --workdir gs://b/cdlm \
       --config.input.data_dir=gs://b/tfds --config.model.clip.pretrained=/ckpt/clip-vit-base-patch32 \
       --config.model.text.pretrained=/ckpt/distilbert-base-uncased
 
-Variants: ``data=flickr8k|flickr30k+8k``, ``baseline``, ``runlocal`` (tiny random encoders on mocked COCO:
+Variants: ``data=flickr8k|flickr30k+8k``, ``baseline``, ``runlocal`` (tiny random encoders on a tiny fake
+Flickr8k in the true layout:
 the smoke test), ``steps=N``.
 """
 
@@ -83,8 +84,7 @@ def get_config(arg=None):
     if arg.runlocal:
         c.total_steps = arg.steps or 2
         c.num_epochs = 0
-        c.input.update(dataset="coco_captions/2014", train_split="train", image_size=32, batch_size=8,
-                       eval_batch_size=8, shuffle_buffer=16, tokenizer="minilm")
+        c.input.update(image_size=32, batch_size=8, eval_batch_size=8, shuffle_buffer=16, tokenizer="minilm")
         c.model.clip.update(pretrained=None, config=dict(
             text=dict(vocab_size=30522, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                       max_position_embeddings=32, hidden_act="gelu", layer_norm_eps=1e-5, eos_token_id=102),

@@ -3,8 +3,8 @@ ViT-B/32 (both towers, fine-tuned by the contrastive loss) plus a 12-block, 768-
 same blocks and sizes as the LaDiC paper's diffuser (configs/ladic_coco.py), so that its greedy decoding is
 the "equal-size autoregressive" baseline of the papers' speed claims.
 
-Needs `coco_captions/2014` prepared by TFDS and the CLIP checkpoint (and its tokenizer) as a local directory
-or a cached hub id (nothing is downloaded unless the HF cache allows it):
+Needs the dataset prepared (below) and the CLIP checkpoint (and its tokenizer) as a local directory or a
+cached hub id (nothing is downloaded unless the HF cache allows it):
 
   ladic-train --config configs/coca_coco.py --workdir gs://bucket/coca_coco \
       --config.input.data_dir=gs://bucket/tfds \
@@ -16,13 +16,20 @@ with the model's own CLIP and measures its retrieval (``eval.clip="self"``); for
 CLIP, as papers report it: ``ladic-eval --workdir ... --config.eval.clip=openai/clip-vit-base-patch32
 --config.eval.clip_prompt="A photo depicts "``.
 
-Variants: ``runlocal`` (tiny random towers, a few steps, no downloads: the smoke test, run in the test suite
-under tfds.testing.mock_data), ``steps=N``.
+Data (``data=``): ``coco`` (default), ``karpathy_captions/coco``, this project's builder over COCO's image
+folders and Karpathy's ``dataset_coco.json`` (``ladic-data build karpathy_captions --config coco --manual_dir
+DIR --data_dir DATA_DIR``; offline, local or gs:// files, every reference kept); or ``coco_captions``, TFDS's
+own ``coco_captions/2014`` with the same Karpathy splits, which ``tfds build`` downloads (~20 GB) from the COCO
+site. The first is the default because it builds from files a researcher already has, without network.
+
+Variants: ``data=coco|coco_captions``, ``runlocal`` (tiny random towers, a few steps, no downloads: the smoke
+test, run in the test suite on a tiny fake COCO in the true layout), ``steps=N``.
 """
 
 import ml_collections
 
 from ladic_jax.config import parse_arg
+from ladic_jax.data.datasets import karpathy_input
 from ladic_jax.distributed import config_section as distributed_section
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -32,14 +39,14 @@ MAX_LENGTH = 24
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, runlocal=False, steps=0)
+    arg = parse_arg(arg, runlocal=False, steps=0, data="coco")
     c = ml_collections.ConfigDict()
     c.family = "coca"
     c.seed = 0
     c.dtype = "float32"
 
     c.input = dict(
-        dataset="coco_captions/2014", data_dir=None, train_split="train+restval", eval_split="test",
+        **karpathy_input(arg.data), data_dir=None, eval_split="test",
         image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, max_length=MAX_LENGTH,
         tokenizer=CLIP_ID, random_resized_crop=True, crop_scale=(0.5, 1.0), flip=True,
         shuffle_buffer=20000, batch_size=512, eval_batch_size=512, seed=0, train_captions="sample")

@@ -4,16 +4,22 @@ BLIP ViT-B/16 at 224 px (frozen), BERT-base split 6+6 (frozen; MLM head trainabl
 (12 blocks, 768 wide), AdamW 5e-5 with 10% warmup and linear decay, 60 epochs of global batch 512,
 λ = 0.2, classifier-free guidance (p = 0.1 in training, w = 1), self-conditioning p = 0.5, 24 tokens.
 
-Needs `coco_captions/2014` prepared by TFDS and the two pretrained encoders as local directories or
-cached hub ids (nothing is downloaded unless the HF cache allows it):
+Needs the dataset prepared (below) and the two pretrained encoders as local directories or cached hub ids
+(nothing is downloaded unless the HF cache allows it):
 
   ladic-train --config configs/ladic_coco.py --workdir gs://bucket/ladic_coco \
       --config.input.data_dir=gs://bucket/tfds \
       --config.model.text.pretrained=/ckpt/bert-base-uncased \
       --config.model.image.pretrained=/ckpt/blip-image-captioning-base
 
-Variants: ``runlocal`` (tiny random encoders, a few steps, no downloads: the smoke test, run in the
-test suite under tfds.testing.mock_data), ``steps=N``.
+Data (``data=``): ``coco`` (default), ``karpathy_captions/coco``, this project's builder over COCO's image
+folders and Karpathy's ``dataset_coco.json`` (``ladic-data build karpathy_captions --config coco --manual_dir
+DIR --data_dir DATA_DIR``; offline, local or gs:// files, every reference kept); or ``coco_captions``, TFDS's
+own ``coco_captions/2014`` with the same Karpathy splits, which ``tfds build`` downloads (~20 GB) from the COCO
+site. The first is the default because it builds from files a researcher already has, without network.
+
+Variants: ``data=coco|coco_captions``, ``runlocal`` (tiny random encoders, a few steps, no downloads: the
+smoke test, run in the test suite on a tiny fake COCO in the true layout), ``steps=N``.
 
 Faithfulness notes: the paper's noise schedule is "cosine with a noise factor" and its sampler DDIM;
 the authors' release instead uses linear betas with a training noise factor of 4 and a re-noising
@@ -25,6 +31,7 @@ configs/ladic_official.py is the release's model as a whole (what `ladic-convert
 import ml_collections
 
 from ladic_jax.config import parse_arg
+from ladic_jax.data.datasets import karpathy_input
 from ladic_jax.distributed import config_section as distributed_section
 
 FROZEN_TEXT = r"^text/(embeddings|layers_\d+)/"   # BERT frozen but its MLM head
@@ -34,14 +41,14 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, runlocal=False, steps=0)
+    arg = parse_arg(arg, runlocal=False, steps=0, data="coco")
     c = ml_collections.ConfigDict()
     c.family = "ladic"
     c.seed = 0
     c.dtype = "float32"
 
     c.input = dict(
-        dataset="coco_captions/2014", data_dir=None, train_split="train+restval", eval_split="test",
+        **karpathy_input(arg.data), data_dir=None, eval_split="test",
         image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, max_length=24,
         tokenizer="bert-base-uncased", random_resized_crop=True, crop_scale=(0.5, 1.0), flip=True,
         # eval_batch_size: a power of two, so that it splits over any slice of up to 512 chips (500

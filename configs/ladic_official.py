@@ -25,13 +25,18 @@ cache or a local directory: --config.input.tokenizer=/path) is needed to encode 
 Not reproduced: the release's "30 steps" is a stride of 30 (34 model calls, t = 999, 969, ..., 9);
 here ``sampler.steps = N`` uses stride 1000 // N and equals the release exactly when N divides 1000.
 
+Data: ``karpathy_captions/coco`` (built by ``ladic-data build karpathy_captions --config coco --manual_dir
+DIR --data_dir DATA_DIR``); ``data=coco_captions`` reads TFDS's own ``coco_captions/2014`` instead (same
+Karpathy splits; see configs/ladic_coco.py).
+
 Variants: ``runlocal`` (every size shrunk, the same tensor names: the conversion test and a smoke
-test), ``steps=N`` (training steps when fine-tuning the converted model).
+test), ``steps=N`` (training steps when fine-tuning the converted model), ``data=coco|coco_captions``.
 """
 
 import ml_collections
 
 from ladic_jax.config import parse_arg
+from ladic_jax.data.datasets import karpathy_input
 from ladic_jax.distributed import config_section as distributed_section
 
 FROZEN_TEXT = r"^text/(embeddings|layers_\d+)/"   # the space encoder; its MLM head trains
@@ -44,14 +49,14 @@ RELEASE_STEPS = 60 * 222
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, runlocal=False, steps=0)
+    arg = parse_arg(arg, runlocal=False, steps=0, data="coco")
     c = ml_collections.ConfigDict()
     c.family = "ladic"
     c.seed = 0
     c.dtype = "float32"
 
     c.input = dict(
-        dataset="coco_captions/2014", data_dir=None, train_split="train+restval", eval_split="test",
+        **karpathy_input(arg.data), data_dir=None, eval_split="test",
         image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, max_length=24,
         tokenizer="bert-base-uncased", random_resized_crop=True, crop_scale=(0.5, 1.0), flip=True,
         shuffle_buffer=20000, batch_size=512, eval_batch_size=100, seed=0, train_captions="sample")

@@ -10,15 +10,18 @@ mask-and-replace, T = 100, VLB + auxiliary x0 cross-entropy. MCS: P_cond = P_mas
 condition, P = 0.1, for the classifier-free comparison on the same model). AdamW β = (0.9, 0.96), lr from
 1e-6 to 4.5e-4 over 1000 warmup steps, then constant (the paper gives no decay); batch 128; 200 epochs.
 
-Dataset: ``cub_captions`` (CUB_200_2011 images with Reed et al.'s ten captions per image; its builder is the
-work of the real-datasets issue; until it lands, any prepared TFDS dataset with coco_captions' features can
-stand in via --config.input.dataset). Evaluation against all ten references.
+Dataset: ``cub_captions/unseen_classes``: CUB_200_2011 images with Reed et al.'s ten captions each, in Reed
+et al.'s class split (8,855 train / 2,933 test images: the paper's "over 8k training images and 3k test
+images"; ``split=cub`` takes CUB's own image split, 5,994 / 5,794, instead). Built offline from the files
+(``ladic-data build cub_captions --config unseen_classes --manual_dir DIR --data_dir DATA_DIR``). Evaluation
+against all ten references.
 
   ladic-train --config configs/mc_diffusion_cub.py:vqgan=/ckpt/vqgan_f8_2886 --workdir gs://b/mc \
       --config.input.data_dir=gs://b/tfds --config.input.tokenizer=/ckpt/clip-vit-base-patch32
 
 Variants: ``vqgan=DIR`` (without it: the paper's sizes, randomly initialised — for AOT fit checks only),
-``runlocal`` (a tiny random VQGAN and decoder on mocked COCO: the smoke test), ``steps=N``.
+``runlocal`` (a tiny random VQGAN and decoder on a tiny fake CUB in the true layout: the smoke test),
+``split=classes|cub``, ``steps=N``.
 """
 
 import ml_collections
@@ -34,13 +37,16 @@ VQGAN_F8 = dict(_class_name="VQModel", in_channels=3, block_out_channels=(128, 2
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, runlocal=False, steps=0, vqgan="")
+    arg = parse_arg(arg, runlocal=False, steps=0, vqgan="", split="classes")
+    if arg.split not in ("classes", "cub"):
+        raise ValueError(f"split={arg.split!r}: choose classes (Reed et al.'s, the paper's) or cub (CUB's own)")
     c = ml_collections.ConfigDict()
     c.family = "mc_diffusion"
     c.seed = 0
     c.dtype = "float32"
     c.input = dict(
-        dataset="cub_captions", data_dir=None, train_split="train", eval_split="test",
+        dataset="cub_captions/" + ("unseen_classes" if arg.split == "classes" else "default"), data_dir=None,
+        train_split="train", eval_split="test",
         image_size=256, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), max_length=32,
         tokenizer="openai/clip-vit-base-patch32", random_resized_crop=False, crop_scale=(0.5, 1.0), flip=False,
         shuffle_buffer=10000, batch_size=128, eval_batch_size=128, seed=0, train_captions="sample",
@@ -77,8 +83,7 @@ def get_config(arg=None):
     if arg.runlocal:
         c.total_steps = arg.steps or 2
         c.num_epochs = 0
-        c.input.update(dataset="coco_captions/2014", image_size=32, batch_size=8, eval_batch_size=8,
-                       shuffle_buffer=16, tokenizer="minilm")
+        c.input.update(image_size=32, batch_size=8, eval_batch_size=8, shuffle_buffer=16, tokenizer="minilm")
         c.model.vocab_size = 30522
         c.model.image_tokenizer = dict(kind="vqgan", config=dict(
             VQGAN_F8, block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4,

@@ -10,14 +10,16 @@ image-text cosine kept.
 Not in the paper, chosen here after Diffusion-LM (which its code forks): T = 2000, lr 1e-4 with linear
 decay, batch 64, 50 DDIM steps; a timestep embedding; the CLIP feature L2-normalised; 10 epochs.
 
-Datasets: ``coco_captions/2014`` (TFDS's own, Karpathy splits) or ``karpathy_captions/flickr30k`` (a TFDS
-builder over Karpathy's split file: the work of the real-datasets issue; until it lands, any prepared TFDS
-dataset with coco_captions' features can stand in via --config.input.dataset).
+Datasets (``data=``): ``coco`` (default: ``karpathy_captions/coco``, train+restval) or ``flickr30k``
+(``karpathy_captions/flickr30k``), this project's builders over Karpathy's split files and the image folders
+(``ladic-data build karpathy_captions --config coco --manual_dir DIR --data_dir DATA_DIR``, offline); or
+``coco_captions``, TFDS's own ``coco_captions/2014`` (the same splits; ``tfds build`` downloads it).
 
   ladic-train --config configs/prefix_diffusion_coco.py --workdir gs://b/prefix \
       --config.input.data_dir=gs://b/tfds --config.model.clip.pretrained=/ckpt/clip-vit-base-patch32
 
-Variants: ``data=coco|flickr30k``, ``runlocal`` (tiny random encoders on mocked COCO: the smoke test),
+Variants: ``data=coco|flickr30k|coco_captions``, ``runlocal`` (tiny random encoders on a tiny fake dataset
+in the true layout: the smoke test),
 ``steps=N``, ``candidates=N``.
 """
 
@@ -26,6 +28,7 @@ import dataclasses
 import ml_collections
 
 from ladic_jax.config import parse_arg
+from ladic_jax.data.datasets import karpathy_input
 from ladic_jax.distributed import config_section as distributed_section
 from ladic_jax.encoders.clip import CLIPConfig
 from ladic_jax.evaluation.clip_score import OPENAI_CLIP_MEAN as CLIP_MEAN, OPENAI_CLIP_STD as CLIP_STD
@@ -42,8 +45,7 @@ def get_config(arg=None):
     c.seed = 0
     c.dtype = "float32"
     c.input = dict(
-        dataset="coco_captions/2014" if arg.data == "coco" else f"karpathy_captions/{arg.data}", data_dir=None,
-        train_split="train+restval" if arg.data == "coco" else "train", eval_split="test",
+        **karpathy_input(arg.data), data_dir=None, eval_split="test",
         image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, max_length=24,
         tokenizer="bert-base-uncased", random_resized_crop=False, crop_scale=(0.5, 1.0), flip=False,
         shuffle_buffer=20000, batch_size=64, eval_batch_size=512, seed=0, train_captions="sample",
@@ -77,8 +79,8 @@ def get_config(arg=None):
     if arg.runlocal:
         c.total_steps = arg.steps or 2
         c.num_epochs = 0
-        c.input.update(dataset="coco_captions/2014", train_split="train", image_size=32, batch_size=8,
-                       eval_batch_size=8, shuffle_buffer=16, tokenizer="minilm")
+        c.input.update(train_split="train", image_size=32, batch_size=8, eval_batch_size=8, shuffle_buffer=16,
+                       tokenizer="minilm")
         c.model.clip.update(pretrained=None, config=dict(
             text=dict(vocab_size=30522, hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                       max_position_embeddings=32, hidden_act="gelu", layer_norm_eps=1e-5, eos_token_id=102),

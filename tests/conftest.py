@@ -45,6 +45,43 @@ def mock_coco(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory):
+    """shapes_captions/tiny, built once for the session."""
+    from ladic_jax.data import datasets
+    d = str(tmp_path_factory.mktemp("tfds"))
+    datasets.build("shapes_captions", d, "tiny")
+    return d
+
+
+REAL_DATASETS = ("karpathy_captions/coco", "karpathy_captions/flickr8k", "karpathy_captions/flickr30k",
+                 "karpathy_captions/flickr30k+8k", "cub_captions/default", "cub_captions/unseen_classes")
+
+
+@pytest.fixture(scope="session")
+def real_data(tmp_path_factory):
+    """Every real-dataset builder built from tiny fake files in the true layouts (tests/fake_datasets.py),
+    once for the session: (manual_dir, data_dir, expected records by dataset and split)."""
+    import fake_datasets
+
+    from ladic_jax.data import datasets
+
+    tfds.display_progress_bar(False)
+    root = tmp_path_factory.mktemp("real_datasets")
+    manual, data = str(root / "manual"), str(root / "tfds")
+    expected = fake_datasets.write_all(manual)
+    for name in REAL_DATASETS:
+        base, config = name.split("/")
+        datasets.build(base, data, config, manual)
+    return manual, data, expected
+
+
+@pytest.fixture(scope="session")
+def real_data_dir(real_data):
+    """The TFDS data dir holding every real dataset built from its fake layout."""
+    return real_data[1]
+
+
+@pytest.fixture(scope="session")
 def bad_data_dir(tmp_path_factory):
     """The dataset of bad records of tests/bad_dataset.py, built once."""
     import bad_dataset

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import ml_collections
@@ -10,6 +11,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from ladic_jax import config as config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 CONFIG_FILE = textwrap.dedent('''
     """Test config. Launch: ladic-train --config tests/x.py:runlocal"""
@@ -237,3 +240,40 @@ def test_configdict_roundtrip_keeps_types(config_path):
     with pytest.raises(config_lib.ConfigError, match="unknown config field config.input.nope"):
         config_lib.apply_overrides(c, ["input.nope=1"])
     assert isinstance(c, ml_collections.ConfigDict)
+
+
+PAPER_DATA = {
+    "ladic_coco.py": ("karpathy_captions/coco", "train+restval"),
+    "ladic_coco.py:data=coco_captions": ("coco_captions/2014", "train+restval"),
+    "ladic_official.py": ("karpathy_captions/coco", "train+restval"),
+    "coca_coco.py": ("karpathy_captions/coco", "train+restval"),
+    "prefix_diffusion_coco.py": ("karpathy_captions/coco", "train+restval"),
+    "prefix_diffusion_coco.py:data=flickr30k": ("karpathy_captions/flickr30k", "train"),
+    "clip_diffusionlm_flickr.py": ("karpathy_captions/flickr8k", "train"),
+    "clip_diffusionlm_flickr.py:data=flickr30k+8k": ("karpathy_captions/flickr30k+8k", "train"),
+    "mc_diffusion_cub.py": ("cub_captions/unseen_classes", "train"),
+    "mc_diffusion_cub.py:split=cub": ("cub_captions/default", "train"),
+}
+
+
+@pytest.mark.parametrize("spec", sorted(PAPER_DATA))
+def test_paper_configs_name_datasets_that_exist(spec):
+    """Each paper config's dataset is a project builder config (or TFDS's coco_captions)."""
+    import tensorflow_datasets as tfds
+
+    from ladic_jax.data import datasets
+
+    cfg = config_lib.load_config(os.path.join(REPO, "configs", spec))
+    assert (cfg.input.dataset, cfg.input.train_split) == PAPER_DATA[spec]
+    if datasets.register(cfg.input.dataset) is None:
+        assert tfds.builder_cls(cfg.input.dataset.split("/")[0])  # TFDS's own
+        return
+    base, config = cfg.input.dataset.split("/")
+    assert config in datasets.config_names(base)
+
+
+def test_data_choice_is_checked():
+    with pytest.raises(ValueError, match="data='flickr9k'"):
+        config_lib.load_config(os.path.join(REPO, "configs/ladic_coco.py:data=flickr9k"))
+    with pytest.raises(ValueError, match="split='birds'"):
+        config_lib.load_config(os.path.join(REPO, "configs/mc_diffusion_cub.py:split=birds"))

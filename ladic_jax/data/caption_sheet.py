@@ -17,6 +17,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ladic_jax import config as config_lib
+from ladic_jax.data import bad_records
+from ladic_jax.data import datasets
+
 _PAD = 8
 _LINE_SPACING = 3
 _TEXT = (20, 20, 20)
@@ -126,8 +130,7 @@ def _builder(dataset: str, data_dir: str):
 
     import tensorflow_datasets as tfds  # Imported here: rendering a sheet of arrays needs no TF.
 
-    import ladic_jax.data.shapes_captions  # noqa: F401  Registers the project's own dataset with TFDS.
-
+    datasets.register(dataset)
     try:
         return tfds.builder(dataset, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError:
@@ -161,7 +164,8 @@ def read_generated(path: str) -> dict[int, str]:
 
 
 def load_items(dataset: str, split: str, data_dir: str, num: int,
-               generated: Mapping[int, str] | None = None) -> list[SheetItem]:
+               generated: Mapping[int, str] | None = None,
+               max_pixels: int = config_lib.DEFAULT_MAX_IMAGE_PIXELS) -> list[SheetItem]:
     """The first `num` examples of `split` of a prepared TFDS captioning dataset, as sheet items.
 
     `dataset` is a TFDS name, optionally with a config ("shapes_captions/long"). With `generated` (captions
@@ -181,12 +185,13 @@ def load_items(dataset: str, split: str, data_dir: str, num: int,
                          f"features, it has {sorted(features.keys())}")
     if generated is not None and "image/id" not in features:
         raise ValueError(f"dataset {dataset!r} has no 'image/id' feature to match generated captions with")
-    try:
-        ds = builder.as_dataset(split=split)
+    try:  # Images decoded by the input pipeline's rules: a bad one is a labelled blank tile, not an error.
+        wanted = {"image": True, "captions": {"text": True}, **({"image/id": True} if "image/id" in features else {})}
+        ds = builder.as_dataset(split=split, decoders=tfds.decode.PartialDecoding(
+            wanted, decoders={"image": tfds.decode.SkipDecoding()}))
     except AssertionError as e:  # What TFDS raises when the data is not there.
         raise FileNotFoundError(f"dataset {dataset!r} is not prepared in data_dir {data_dir!r} (looked in "
-                                f"{builder.data_dir}); build it first, e.g. `ladic-data build "
-                                f"shapes_captions --data_dir {data_dir}`") from e
+                                f"{builder.data_dir}); build it first: {datasets.build_hint(dataset)}") from e
     if generated is None:
         ds = ds.take(num)
     else:  # Keep the examples that were captioned; decode only those images.
@@ -195,8 +200,11 @@ def load_items(dataset: str, split: str, data_dir: str, num: int,
     items = []
     for example in tfds.as_numpy(ds):
         image_id = int(example["image/id"]) if "image/id" in example else None
-        items.append(SheetItem(example["image"], [_text(t) for t in example["captions"]["text"]],
-                               label="" if image_id is None else f"id {image_id}",
+        image, flags = bad_records.decode_image(example["image"], max_pixels)
+        skipped = bad_records.skip_reason(flags)
+        label = "" if image_id is None else f"id {image_id}"
+        label += f" (skipped: {skipped})" if skipped else ""
+        items.append(SheetItem(image, [_text(t) for t in example["captions"]["text"]], label=label.strip(),
                                generated=None if generated is None else generated[image_id]))
     if not items and generated is not None:
         raise ValueError(f"none of the {len(generated)} generated captions matches an image id of split "

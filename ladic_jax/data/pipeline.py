@@ -52,7 +52,6 @@ Bad records
 from __future__ import annotations
 
 import collections
-import importlib
 import json
 import logging
 import math
@@ -65,6 +64,7 @@ import tensorflow_datasets as tfds
 
 from ladic_jax import config as config_lib
 from ladic_jax.data import bad_records
+from ladic_jax.data import datasets
 from ladic_jax.data import text
 from ladic_jax.data.bad_records import SKIP_MASK
 
@@ -76,9 +76,6 @@ __all__ = [
     "num_eval_examples",
     "process_split",
 ]
-
-# Datasets defined by this project: importing the module registers the builder with TFDS.
-_PROJECT_BUILDERS = {"shapes_captions": "ladic_jax.data.shapes_captions"}
 
 # Crop aspect-ratio range of the random resized crop (as in Inception / torchvision).
 _CROP_ASPECT = (3.0 / 4.0, 4.0 / 3.0)
@@ -109,14 +106,12 @@ def _keep_tf_off_accelerators() -> None:
 def get_builder(input_cfg) -> tfds.core.DatasetBuilder:
     """Returns the TFDS builder named by `input_cfg.dataset` in `input_cfg.data_dir`.
 
-    Project datasets (`shapes_captions`) are registered on demand. The dataset must have been
-    prepared (`ladic-data build ...`, or `tfds build coco_captions` for COCO).
+    Project datasets (`ladic_jax.data.datasets`) are registered on demand. The dataset must have been
+    prepared (`ladic-data build ...`, or `tfds build coco_captions` for TFDS's COCO).
     """
     _keep_tf_off_accelerators()
     name = input_cfg.dataset
-    module = _PROJECT_BUILDERS.get(name.split("/")[0].split(":")[0])
-    if module is not None:
-        importlib.import_module(module)
+    datasets.register(name)
     try:
         builder = tfds.builder(name, data_dir=input_cfg.data_dir)
     except Exception as e:  # TFDS raises several types for an unknown name.
@@ -124,8 +119,7 @@ def get_builder(input_cfg) -> tfds.core.DatasetBuilder:
     if not builder.info.splits:
         raise ValueError(
             f"config.input.dataset={name!r} is not prepared in data_dir={input_cfg.data_dir!r} "
-            f"(looked in {builder.data_dir}); build it first, e.g. `ladic-data build shapes_captions "
-            f"--data_dir DIR`")
+            f"(looked in {builder.data_dir}); build it first: {datasets.build_hint(name)}")
     return builder
 
 

@@ -20,7 +20,6 @@ sizes or seeds: pass a `ShapesCaptionsConfig` with a new name as `config=`.
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -127,28 +126,3 @@ class ShapesCaptions(tfds.core.GeneratorBasedBuilder):
                                                ymax=o.y1 / size, xmax=o.x1 / size),
                 } for o in example.objects],
             }
-
-
-@dataclasses.dataclass(frozen=True)
-class BuildReport:
-    """What `build` did: where the data is, how much of it, and how long it took."""
-
-    path: str
-    config: str
-    split_sizes: dict[str, int]
-    seconds: float
-    reused: bool  # True if the data was already there and nothing was generated.
-
-
-def build(data_dir: str, config: str | ShapesCaptionsConfig = "default") -> BuildReport:
-    """Generates `shapes_captions` with `config` into `data_dir`, unless it is already there."""
-    if isinstance(config, str) and config not in {c.name for c in CONFIGS}:
-        raise ValueError(f"unknown shapes_captions config {config!r}; choose one of "
-                         f"{[c.name for c in CONFIGS]}")
-    start = time.perf_counter()
-    builder = ShapesCaptions(data_dir=data_dir, config=config)
-    reused = builder.is_prepared()
-    builder.download_and_prepare()
-    return BuildReport(path=str(builder.data_dir), config=builder.builder_config.name,
-                       split_sizes={k: builder.info.splits[k].num_examples for k in _SPLITS},
-                       seconds=time.perf_counter() - start, reused=reused)

@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from ladic_jax.cli import data as cli
 from ladic_jax.data import caption_sheet, shapes
+from ladic_jax.data import datasets
 from ladic_jax.data import shapes_captions as sc
 
 TINY = {"train": 24, "validation": 8, "test": 8}
@@ -49,13 +50,14 @@ def built(tmp_path_factory):
         "long": _config("test_long", scene=sc.LONG_SCENE, sizes={"train": 12, "validation": 4, "test": 4}),
     }.items():
         d = str(tmp_path_factory.mktemp(f"tfds_{key}"))
-        report = sc.build(d, config)
+        report = datasets.build("shapes_captions", d, config)
         assert not report.reused
         dirs[key] = (d, config)
     # Another process with another string-hash seed, as a user rebuilding elsewhere would.
     d = str(tmp_path_factory.mktemp("tfds_b"))
-    script = ("import sys; from ladic_jax.data import shapes_captions as sc; "
-              f"sc.build(sys.argv[1], sc.ShapesCaptionsConfig(name='test_seed0', split_sizes={TINY!r}))")
+    script = ("import sys; from ladic_jax.data import datasets, shapes_captions as sc; "
+              f"datasets.build('shapes_captions', sys.argv[1], "
+              f"sc.ShapesCaptionsConfig(name='test_seed0', split_sizes={TINY!r}))")
     subprocess.run([sys.executable, "-c", script, d], check=True, capture_output=True,
                    env={**os.environ, "PYTHONHASHSEED": "12345"})
     dirs["b"] = (d, _config("test_seed0"))
@@ -334,7 +336,7 @@ def test_config_rejects_bad_split_sizes():
     with pytest.raises(ValueError, match="split_sizes"):
         sc.ShapesCaptionsConfig(name="bad", split_sizes={"train": 5, "test": 1})
     with pytest.raises(ValueError, match="unknown shapes_captions config 'huge'"):
-        sc.build("/nonexistent", "huge")
+        datasets.build("shapes_captions", "/nonexistent", "huge")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -412,10 +414,9 @@ def test_cli_rejects_unknown_config():
     assert e.value.code == 2
 
 
-def test_sheet_reads_coco_captions_features(tmp_path):
-    """`show` works for coco_captions (faked offline by tfds.testing.mock_data)."""
-    with tfds.testing.mock_data(num_examples=3):
-        items = caption_sheet.load_items("coco_captions", "test", str(tmp_path), num=3)
+def test_sheet_reads_coco_captions_features(mock_coco):
+    """`show` works for coco_captions (faked offline by tfds.testing.mock_data: tests/conftest.py)."""
+    items = caption_sheet.load_items("coco_captions/2014", "test", mock_coco, num=3)
     assert len(items) == 3 and all(len(item.captions) >= 1 for item in items)
     sheet = caption_sheet.render_sheet(items, columns=3, tile=128)
     assert sheet.width == 3 * (128 + 16)

@@ -41,15 +41,8 @@ def verdict(caption, scene=TWO):
 # --------------------------------------------------------------------------------------------- scenes
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    d = str(tmp_path_factory.mktemp("shapes_tfds"))
-    sc.build(d, "tiny")
-    return d
-
-
-def test_scenes_equal_the_objects_the_built_dataset_stores(tiny_dir):
-    builder = tfds.builder("shapes_captions/tiny", data_dir=tiny_dir)
+def test_scenes_equal_the_objects_the_built_dataset_stores(tiny_data_dir):
+    builder = tfds.builder("shapes_captions/tiny", data_dir=tiny_data_dir)
     info = builder.info.features["objects"]
     stored = {}
     for split in ("train", "validation", "test"):

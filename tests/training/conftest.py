@@ -9,14 +9,6 @@ import pytest
 from tiny_setup import REPO, make_tiny_config
 
 
-@pytest.fixture(scope="session")
-def tiny_data_dir(tmp_path_factory):
-    from ladic_jax.data import shapes_captions
-    d = str(tmp_path_factory.mktemp("tfds"))
-    shapes_captions.build(d, "tiny")
-    return d
-
-
 @pytest.fixture
 def tiny_config(tiny_data_dir):
     return lambda *overrides: make_tiny_config(tiny_data_dir, overrides)

@@ -26,10 +26,21 @@ def test_shapes_config_runlocal_smoke(tiny_data_dir, tmp_path):
     assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())[-1] == 4
 
 
-def test_coco_config_runlocal_smoke_under_mock_data(mock_coco, tmp_path):
+def test_coco_config_runlocal_on_karpathy_captions(real_data_dir, tmp_path):
+    """On karpathy_captions/coco built from a fake COCO in the true layout (tests/fake_datasets.py)."""
     workdir = str(tmp_path / "run")
     train_cli.main(["--config", os.path.join(REPO, "configs/ladic_coco.py:runlocal"), "--workdir", workdir,
-                    f"--config.input.data_dir={mock_coco}"])
+                    f"--config.input.data_dir={real_data_dir}"])
+    res = json.loads(report.metrics_path(workdir, 2).read_text())
+    # The fake Karpathy test split: 3 images, one of them not an image (skipped and counted).
+    assert res["num_images"] == 2 and res["data/skipped_corrupt_image"] == 1
+
+
+def test_coco_config_on_tfds_coco_captions_under_mock_data(mock_coco, tmp_path):
+    """data=coco_captions: TFDS's own COCO (mocked), the alternative to karpathy_captions/coco."""
+    workdir = str(tmp_path / "run")
+    train_cli.main(["--config", os.path.join(REPO, "configs/ladic_coco.py:runlocal,data=coco_captions"),
+                    "--workdir", workdir, f"--config.input.data_dir={mock_coco}"])
     res = json.loads(report.metrics_path(workdir, 2).read_text())
     assert res["num_images"] == 5  # the mocked Karpathy test split, each image once
 

@@ -90,12 +90,12 @@ def test_export_of_a_run_without_a_clip_fails_clearly(tiny_data_dir, tmp_path, c
     assert e.value.code == 2 and "no CLIP to export" in capsys.readouterr().err
 
 
-def test_coca_coco_config_runlocal_smoke_under_mock_data(mock_coco, tmp_path):
+def test_coca_coco_config_runlocal_on_karpathy_captions(real_data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     train_cli.main(["--config", os.path.join(REPO, "configs/coca_coco.py:runlocal"), "--workdir", workdir,
-                    f"--config.input.data_dir={mock_coco}"])
+                    f"--config.input.data_dir={real_data_dir}"])
     res = report.latest_eval(workdir)
-    assert res["num_images"] == 5 and "clip_i2t_recall@1" in res and "sem_fully_correct" not in res
+    assert res["num_images"] == 2 and "clip_i2t_recall@1" in res and "sem_fully_correct" not in res
 
 
 def test_coca_with_a_minilm_text_tower_trains_and_exports_as_a_dual_encoder(tiny_data_dir, tmp_path):

@@ -195,13 +195,15 @@ def test_shapes_config_runlocal_trains_and_evaluates(args, tiny_data_dir, tiny_v
     assert res["sampler"]["guidance"] == 2.0 and res["sampler"]["guidance_kind"] == "mcs"
 
 
-def test_paper_config_runlocal_under_mock_data(mock_coco, tmp_path):
+def test_paper_config_runlocal_on_cub_captions(real_data_dir, tmp_path):
+    """On cub_captions/unseen_classes built from a fake CUB in the true layout (tests/fake_datasets.py)."""
     from ladic_jax.cli import train as train_cli
     workdir = str(tmp_path / "run")
     train_cli.main(["--config", os.path.join(REPO, "configs/mc_diffusion_cub.py") + ":runlocal", "--workdir", workdir,
-                    f"--config.input.data_dir={mock_coco}"])
+                    f"--config.input.data_dir={real_data_dir}"])
     res = report.latest_eval(workdir)
-    assert res["num_images"] > 0 and "bleu_4" in res
+    # Reed's two test classes of the fake CUB: 6 images, one not an image (skipped and counted).
+    assert res["num_images"] == 5 and res["data/skipped_corrupt_image"] == 1 and "bleu_4" in res
 
 
 def test_code_cache_holds_every_training_image_and_equals_the_encoder(tiny_data_dir, tiny_vq_dir):

@@ -81,10 +81,12 @@ def test_shapes_config_runlocal_trains_and_evaluates(family, tiny_data_dir, tiny
 
 @pytest.mark.parametrize("spec", ["configs/clip_diffusionlm_flickr.py:runlocal",
                                   "configs/prefix_diffusion_coco.py:runlocal"])
-def test_paper_config_runlocal_under_mock_data(spec, mock_coco, tmp_path):
+def test_paper_config_runlocal_on_karpathy_captions(spec, real_data_dir, tmp_path):
+    """clip_diffusionlm on karpathy_captions/flickr8k, prefix_diffusion on karpathy_captions/coco, each built
+    from fake files in the true layout (tests/fake_datasets.py)."""
     from ladic_jax.cli import train as train_cli
     workdir = str(tmp_path / "run")
     train_cli.main(["--config", os.path.join(REPO, spec), "--workdir", workdir,
-                    f"--config.input.data_dir={mock_coco}"])
+                    f"--config.input.data_dir={real_data_dir}"])
     res = report.latest_eval(workdir)  # runlocal samples 2 steps, its own sampler's: no tag
     assert res["num_images"] > 0 and "dist_2" in res and "clip_score" in res
