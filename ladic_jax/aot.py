@@ -17,7 +17,7 @@ donated inputs are aliased to outputs and counted once) and ``cost_analysis()`` 
 XLA itself refuses to compile a program that exceeds the chip's HBM (``RESOURCE_EXHAUSTED``); that is
 reported as not fitting, with XLA's figures. Two counting rules of XLA's cost analysis matter here: a
 loop body is counted once, so the sampler's flops add (loop steps - 1) times those of one compiled
-denoising step; and a conditional counts its costlier branch (an upper bound where a step branches at
+denoising step (``ladic_jax/cost.py``, shared with scripts/benchmark.py); and a conditional counts its costlier branch (an upper bound where a step branches at
 random).
 
 Only shapes are needed, so nothing is downloaded or read but the config: a config trained for a number
@@ -39,8 +39,8 @@ import tempfile
 from typing import Any, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 
+from ladic_jax import cost as cost_lib
 from ladic_jax import sampler as sampler_lib
 from ladic_jax import sharding
 from ladic_jax import trainer
@@ -228,13 +228,6 @@ def per_device_bytes(tree) -> int:
     return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
-def _flops(compiled) -> float:
-    cost = compiled.cost_analysis()
-    if isinstance(cost, (list, tuple)):  # older jax: one dict per program
-        cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
-
-
 _OOM = re.compile(r"required for .*?\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)")
 _UNITS = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}
 
@@ -308,7 +301,7 @@ def _train_step(sk, config, topology, limit) -> ProgramFit:
     step = trainer.make_train_step(sk)
     compiled = compile_program(step, (sk.abstract_state, batch), fit)
     if compiled is not None:
-        fit.memory, fit.flops = Memory.of(compiled), _flops(compiled)
+        fit.memory, fit.flops = Memory.of(compiled), cost_lib.flops(compiled)
     return fit
 
 
@@ -317,7 +310,6 @@ def _sampler(sk, config, topology, limit) -> ProgramFit:
 
     scfg = sampler_config(config)
     bsz = int(config.input.eval_batch_size)
-    loop_steps = len(sampler_lib.loop_timesteps(sk.family, scfg))
     fit = ProgramFit("sampler", bsz, limit, detail=f"{int(scfg.steps)} steps")
     if config.eval.get("every_steps") or config.eval.get("at_end"):
         # The training process evaluates with its optimizer state still in HBM.
@@ -339,27 +331,10 @@ def _sampler(sk, config, topology, limit) -> ProgramFit:
     if compiled is None:
         return fit
     fit.memory = Memory.of(compiled)
-    # XLA counts the loop body once: add the other loop steps' flops from one compiled denoising step.
-    step = compile_program(*_denoise_step(sk, scfg, params, batch, rng, bsz), fit)
-    fit.flops = _flops(compiled) + (loop_steps - 1) * (_flops(step) if step is not None else 0.0)
+    # XLA counts the loop body once: cost.sampler_cost adds the other loop steps' flops.
+    fit.flops = cost_lib.sampler_cost(sk.family, scfg, params, batch, rng, mesh=sk.mesh, program=compiled,
+                                      compile_fn=lambda f, a: compile_program(f, a, fit)).total
     return fit
-
-
-def _denoise_step(sk, scfg, params, batch, rng, bsz):
-    """One of the sampler loop's steps as its own program, on the context and state the loop carries
-    (split over the batch like the loop's, replicated where a leaf has no batch axis)."""
-    family, mesh = sk.family, sk.mesh
-    ctx = jax.eval_shape(lambda p, b: family.sampling_context(p, b, scfg), params, batch)
-    state = jax.eval_shape(lambda p, c, r: family.initial_state(p, c, r, scfg), params, ctx, rng)
-
-    def place(a):
-        split = a.ndim and a.shape[0] == bsz
-        s = sharding.batch_sharding(mesh, a.ndim) if split else sharding.replicated(mesh)
-        return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-
-    t = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
-    fn = jax.jit(lambda p, c, s, t_, tn, k: family.denoise_step(p, c, s, t_, tn, k, scfg))
-    return fn, (params, jax.tree.map(place, ctx), jax.tree.map(place, state), t, t, rng)
 
 
 def check(config, topology: str, *, config_name: str = "config",
