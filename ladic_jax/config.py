@@ -82,6 +82,9 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"{path}:get_config() must return an ml_collections.ConfigDict, "
                           f"got {type(config).__name__}")
+    if "sampler" in config:  # the sampler loop's own fields, so that they can be overridden like any other
+        from ladic_jax import sampler as sampler_lib  # (imported here: it imports this module)
+        sampler_lib.complete(config.sampler)
     return config
 
 

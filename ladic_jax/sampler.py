@@ -37,11 +37,15 @@ from ladic_jax.families.base import Family
 #: Sampler fields that act beside the loop (the compiled function does not depend on them).
 HOST_FIELDS = ("mbr", "mbr_metric")
 MBR_METRICS = ("bleu", "cider", "clip")  # "clip": re-rank by the family's own CLIP image-text cosine
+# Classifier-free guidance's two passes as one call on 2B rows (True) or two calls on B.
+BATCH_GUIDANCE = True
 
 
 def default_fields() -> dict[str, Any]:
-    """The loop's own sampler fields with their defaults (both techniques off)."""
-    return {"back_refine": {"enabled": False, "at": 0.5, "keep": 0.5}, "mbr": 1, "mbr_metric": "bleu"}
+    """The loop's own sampler fields with their defaults (both techniques off), and how families run the two
+    passes of classifier-free guidance (``batch_guidance``: one call on 2B rows; ``families/guidance.py``)."""
+    return {"back_refine": {"enabled": False, "at": 0.5, "keep": 0.5}, "mbr": 1, "mbr_metric": "bleu",
+            "batch_guidance": BATCH_GUIDANCE}
 
 
 def complete(sampler_cfg: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -75,6 +79,8 @@ def validate_sampler(sampler_cfg, prefix: str = "config.sampler") -> None:
     mbr = sampler_cfg.get("mbr", 1)
     config_lib.check(isinstance(mbr, int) and not isinstance(mbr, bool) and mbr >= 1, f"{prefix}.mbr",
                      f"must be the number of candidates per image, an int >= 1, got {mbr!r}")
+    batched = sampler_cfg.get("batch_guidance", BATCH_GUIDANCE)
+    config_lib.check(isinstance(batched, bool), f"{prefix}.batch_guidance", f"must be a bool, got {batched!r}")
     metric = sampler_cfg.get("mbr_metric", "bleu")
     config_lib.check(metric in MBR_METRICS, f"{prefix}.mbr_metric", f"must be one of {list(MBR_METRICS)}, got {metric!r}")
 

@@ -60,6 +60,7 @@ from ladic_jax.encoders import bert as bert_lib
 from ladic_jax.encoders import vit as vit_lib
 from ladic_jax.encoders import loading
 from ladic_jax.families import base
+from ladic_jax.families import guidance
 from ladic_jax.families import vocab as vocab_lib
 from ladic_jax.models.diffuser import Diffuser, DiffuserConfig
 from ladic_jax.sharding import path_str, to_host
@@ -428,10 +429,14 @@ class Ladic(base.Family):
         bsz = img.shape[0]
         ctx = {"cond": self._apply(params, img, jnp.zeros((bsz,), bool), method=LadicModel.condition)}
         if sampler_cfg.guidance:
+            # The null condition is the same for every image: computed for one, broadcast.
             if self._zero_image_null:  # the release: the image tokens of an all-zero (normalised) image
-                img = self._apply(params, jnp.zeros_like(batch["image"]), method=LadicModel.image_tokens)
-            ctx["null"] = self._apply(params, img, jnp.full((bsz,), not self._zero_image_null),
-                                      method=LadicModel.condition)
+                null = self._apply(params, self._apply(params, jnp.zeros_like(batch["image"][:1]),
+                                                       method=LadicModel.image_tokens),
+                                   jnp.zeros((1,), bool), method=LadicModel.condition)
+            else:  # the learned null vector in place of every image token
+                null = self._apply(params, img[:1], jnp.ones((1,), bool), method=LadicModel.condition)
+            ctx.update(guidance.context(ctx["cond"], guidance.broadcast_rows(null, bsz), sampler_cfg))
         if "template_tokens" in batch:
             # Infilling: the latents of the given tokens, encoded with the blanks left out of attention.
             tokens, given = batch["template_tokens"], batch["template_given"] > 0
@@ -453,13 +458,13 @@ class Ladic(base.Family):
         tb = jnp.full((x.shape[0],), t_model, jnp.int32)
         if self.config.model.get("input_scaling", False):
             x = x * self.diffusion.input_scale(t, self.diffusion.sample_noise_factor)
-        f = lambda cond: self._apply(params, x, tb, self_cond, cond,  # noqa: E731
-                                     method=LadicModel.denoise).astype(jnp.float32)
-        out = f(context["cond"])
+        def f(x, tb, self_cond, cond):
+            return self._apply(params, x, tb, self_cond, cond, method=LadicModel.denoise).astype(jnp.float32)
+
         w = float(sampler_cfg.guidance)
         if w:
-            out = (1.0 + w) * out - w * f(context["null"])
-        return out
+            return guidance.combine(f, (x, tb, self_cond), context, w)
+        return f(x, tb, self_cond, context["cond"])
 
     def denoise_step(self, params, context, state, t, t_next, rng, sampler_cfg):
         sc = state["x0_hat"] if sampler_cfg.self_cond else jnp.zeros_like(state["x"])

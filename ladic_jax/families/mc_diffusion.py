@@ -54,6 +54,7 @@ from ladic_jax.data import pipeline
 from ladic_jax.diffusion import discrete
 from ladic_jax.encoders import vqgan as vqgan_lib
 from ladic_jax.families import base
+from ladic_jax.families import guidance
 from ladic_jax.families import vocab as vocab_lib
 from ladic_jax.models import vqvae as vqvae_lib
 from ladic_jax.models.diffuser import DiffuserConfig
@@ -444,9 +445,9 @@ class MCDiffusion(base.Family):
             masked = mask_condition(rng, context["codes"], self.image_tokenizer.num_codes, 1.0,
                                     float(sampler_cfg.mcs_mask_rate))
             weak = self._apply(params, masked, method=MCModel.condition)
-        both = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), context["cond"], weak)
-        logits = self._logits(params, jnp.concatenate([x, x]), jnp.concatenate([tt, tt]), both)
-        log_cond, log_weak = jnp.split(jax.nn.log_softmax(logits), 2)
+        logits = self._logits(params, guidance.pair_rows(x, x), guidance.pair_rows(tt, tt),
+                              guidance.pair_rows(context["cond"], weak))
+        log_cond, log_weak = guidance.unpair_rows(jax.nn.log_softmax(logits))
         s = float(sampler_cfg.guidance)
         if sampler_cfg.get("mcs_literal", False):  # s·log p(x|y_M) + (1 − s)·log p(x|y), as the paper prints it
             return discrete.guided_log_probs(log_weak, log_cond, s)

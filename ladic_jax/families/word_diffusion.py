@@ -52,6 +52,7 @@ from ladic_jax.encoders.bert import BertConfig, BertLayer
 from ladic_jax.encoders.clip import CLIP
 from ladic_jax.families import base
 from ladic_jax.families import coca
+from ladic_jax.families import guidance
 from ladic_jax.families import vocab as vocab_lib
 from ladic_jax.models.diffuser import sinusoid_features
 from ladic_jax.sharding import path_str, to_host
@@ -504,7 +505,8 @@ class WordDiffusionFamily(base.Family):
         # (CLIP puts both in one space), the unconditional branch the learned null.
         ctx = {"cond": self._apply(params, feat, feat, method=WordDiffusionModel.cond_tokens)}
         if sampler_cfg.get("guidance", 0.0):
-            ctx["null"] = self._apply(params, feat, None, method=WordDiffusionModel.cond_tokens)
+            null = self._apply(params, feat, None, method=WordDiffusionModel.cond_tokens)
+            ctx.update(guidance.context(ctx["cond"], null, sampler_cfg))
         return ctx
 
     def initial_state(self, params, context, rng, sampler_cfg):
@@ -516,11 +518,9 @@ class WordDiffusionFamily(base.Family):
         x = state["x"]
         bsz = x.shape[0]
         tb, tnb = jnp.full((bsz,), t, jnp.int32), jnp.full((bsz,), t_next, jnp.int32)
-        f = lambda cond: self._apply(params, x, tb, cond, method=WordDiffusionModel.denoise)  # noqa: E731
-        x0_hat = f(context["cond"])
+        f = lambda x, tb, cond: self._apply(params, x, tb, cond, method=WordDiffusionModel.denoise)  # noqa: E731
         w = float(sampler_cfg.get("guidance", 0.0))
-        if w:
-            x0_hat = (1.0 + w) * x0_hat - w * f(context["null"])
+        x0_hat = guidance.combine(f, (x, tb), context, w) if w else f(x, tb, context["cond"])
         if sampler_cfg.get("clamp", False):
             x0_hat = self._apply(params, x0_hat, method=WordDiffusionModel.round)[1]
         if sampler_cfg.method == "refeed":

@@ -217,3 +217,40 @@ def test_eval_tags_name_what_differs_from_the_run():
     for name in ("back_refine", "mbr", "mbr_metric"):
         del old[name]
     assert eval_tag(old, base) == "" and eval_tag(old, sampler_lib.complete(old.copy_and_resolve_references())) == ""
+
+
+@pytest.mark.parametrize("null", ["learned", "zero_image"])
+def test_guidance_equals_the_stated_combination_batched_or_not(tiny, null):
+    """x̂0 = 2 f(x, image) - f(x, ∅) at w = 1, with ∅ computed per image the plain way (every image's tokens
+    replaced by the learned null; the release's all-zero images through the ViT), against the sampler's
+    context (∅ computed for one image and broadcast) with the two passes as one paired call or two calls."""
+    from ladic_jax.families.base import get_family
+
+    cfg, _, params, images, _ = tiny
+    cfg = cfg.copy_and_resolve_references()
+    with cfg.unlocked():
+        cfg.model.null_condition = null
+    fam = get_family(cfg)
+    images = jnp.asarray(images)
+    B = images.shape[0]
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(B, cfg.input.max_length, fam.text_config.hidden_size)), jnp.float32)
+    sc = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    apply = lambda *a, method: fam._apply(params, *a, method=method)  # noqa: E731
+    img = apply(images, method=LadicModel.image_tokens)
+    cond = apply(img, jnp.zeros((B,), bool), method=LadicModel.condition)
+    if null == "learned":
+        nullc = apply(img, jnp.ones((B,), bool), method=LadicModel.condition)
+    else:
+        nullc = apply(apply(jnp.zeros_like(images), method=LadicModel.image_tokens), jnp.zeros((B,), bool),
+                      method=LadicModel.condition)
+    tb = jnp.full((B,), 500, jnp.int32)
+    f = lambda c: apply(x, tb, sc, c, method=LadicModel.denoise)  # noqa: E731
+    want = np.asarray(2.0 * f(cond) - f(nullc))
+    for batched in (True, False):
+        scfg = sampler_config(cfg, steps=4)
+        scfg.update(guidance=1.0, batch_guidance=batched)
+        ctx = fam.sampling_context(params, {"image": images}, scfg)
+        assert ("cond_null" in ctx) == batched and ("null" in ctx) != batched
+        got = np.asarray(fam.predict_x0(params, ctx, x, jnp.int32(500), sc, scfg))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
