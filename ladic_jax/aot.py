@@ -66,13 +66,15 @@ class Chip:
     hbm_bytes: int
     xla_limit_bytes: int
     chip_config: str = "default"
+    peak_flops: float = 0.0       # bf16 matmul FLOP/s per chip (Cloud TPU's published figure)
+    hbm_bandwidth: float = 0.0    # bytes/s per chip (published)
 
 
 CHIPS = {
-    "v4": Chip("v4", 32 * GiB, int(30.75 * GiB), "megacore"),
-    "v5e": Chip("v5e", 16 * GiB, int(15.75 * GiB)),
-    "v5p": Chip("v5p", 96 * GiB, int(95.74 * GiB), "megacore"),
-    "v6e": Chip("v6e", 32 * GiB, int(31.25 * GiB)),
+    "v4": Chip("v4", 32 * GiB, int(30.75 * GiB), "megacore", 275e12, 1200e9),
+    "v5e": Chip("v5e", 16 * GiB, int(15.75 * GiB), peak_flops=197e12, hbm_bandwidth=819e9),
+    "v5p": Chip("v5p", 96 * GiB, int(95.74 * GiB), "megacore", 459e12, 2765e9),
+    "v6e": Chip("v6e", 32 * GiB, int(31.25 * GiB), peak_flops=918e12, hbm_bandwidth=1640e9),
 }
 _TOPOLOGY = re.compile(r"^(?P<chip>[a-z0-9]+):(?P<dims>\d+(?:x\d+){1,2})$")
 _HOST_BOUNDS = (2, 2, 1)  # libtpu's default chips per host
@@ -178,6 +180,7 @@ class ProgramFit:
     limit_bytes: int                # what one chip's program may use
     memory: Memory | None = None
     flops: float | None = None      # per chip per call
+    bytes_accessed: float | None = None  # per chip per call (XLA's estimate)
     resident_bytes: int = 0         # also held in HBM while it runs (the optimizer state, for the sampler)
     needed_bytes: int | None = None  # XLA's own figure when it refused to compile
     problem: str | None = None
@@ -192,6 +195,13 @@ class ProgramFit:
     @property
     def fits(self) -> bool:
         return self.problem is None and self.total_bytes is not None and self.total_bytes <= self.limit_bytes
+
+    def roofline_seconds(self, chip: Chip) -> float | None:
+        """An estimate of one call's time: the larger of flops at the chip's peak and bytes at its HBM
+        bandwidth (no overlap lost, no communication counted: a lower bound on the real time)."""
+        if not self.flops or self.bytes_accessed is None:
+            return None
+        return max(self.flops / chip.peak_flops, self.bytes_accessed / chip.hbm_bandwidth)
 
     @property
     def over_bytes(self) -> int | None:
@@ -210,10 +220,29 @@ class Report:
     state_bytes: int         # params + optimizer state + step + rng per chip (logical, from the shardings)
     programs: list[ProgramFit]
     notes: list[str]
+    train_steps: int | None = None     # the run's length in steps (from its epochs and the dataset's known size)
+    train_detail: str = ""
+    eval_images: int | None = None     # images of the evaluation split, where its size is known
 
     @property
     def fits(self) -> bool:
         return all(p.fits for p in self.programs)
+
+    def estimates(self) -> list[str]:
+        """Times from the roofline of each program: training the run and captioning its evaluation split."""
+        out = []
+        by_name = {p.name: p for p in self.programs}
+        train, sampler = by_name.get("train step"), by_name.get("sampler")
+        step_s = train.roofline_seconds(self.chip) if train else None
+        if step_s and self.train_steps:
+            out.append(f"training: {self.train_steps:,} steps ({self.train_detail}) x {step_s:.3g} s = "
+                       f"{_duration(self.train_steps * step_s)}")
+        call_s = sampler.roofline_seconds(self.chip) if sampler else None
+        if call_s and self.eval_images:
+            calls = math.ceil(self.eval_images / sampler.batch_size)
+            out.append(f"captioning the {self.eval_images:,} evaluation images: {calls} call(s) of "
+                       f"{sampler.batch_size} ({sampler.detail}) x {call_s:.3g} s = {_duration(calls * call_s)}")
+        return out
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -302,6 +331,7 @@ def _train_step(sk, config, topology, limit) -> ProgramFit:
     compiled = compile_program(step, (sk.abstract_state, batch), fit)
     if compiled is not None:
         fit.memory, fit.flops = Memory.of(compiled), cost_lib.flops(compiled)
+        fit.bytes_accessed = cost_lib.bytes_accessed(compiled)
     return fit
 
 
@@ -332,8 +362,9 @@ def _sampler(sk, config, topology, limit) -> ProgramFit:
         return fit
     fit.memory = Memory.of(compiled)
     # XLA counts the loop body once: cost.sampler_cost adds the other loop steps' flops.
-    fit.flops = cost_lib.sampler_cost(sk.family, scfg, params, batch, rng, mesh=sk.mesh, program=compiled,
-                                      compile_fn=lambda f, a: compile_program(f, a, fit)).total
+    cost = cost_lib.sampler_cost(sk.family, scfg, params, batch, rng, mesh=sk.mesh, program=compiled,
+                                 compile_fn=lambda f, a: compile_program(f, a, fit))
+    fit.flops, fit.bytes_accessed = cost.total, cost.total_bytes
     return fit
 
 
@@ -353,11 +384,37 @@ def check(config, topology: str, *, config_name: str = "config",
         fits.append(_train_step(sk, cfg, topology, limit))
     if "sampler" in programs:
         fits.append(_sampler(sk, cfg, topology, limit))
-    return Report(config_name, topology, chip, len(devices), devices[0].device_kind, dict(sk.mesh.shape),
-                  per_device_bytes(sk.abstract_state), fits, notes)
+    report = Report(config_name, topology, chip, len(devices), devices[0].device_kind, dict(sk.mesh.shape),
+                    per_device_bytes(sk.abstract_state), fits, notes)
+    _run_length(report, config)
+    return report
+
+
+def _run_length(report: Report, config) -> None:
+    """The run's training steps and evaluation images, from the config and the datasets' known sizes."""
+    from ladic_jax.data import datasets
+
+    inp = config.input
+    report.eval_images = datasets.known_size(inp.dataset, inp.eval_split)
+    if config.get("total_steps"):
+        report.train_steps, report.train_detail = int(config.total_steps), "config.total_steps"
+        return
+    images = datasets.known_size(inp.dataset, inp.train_split)
+    epochs = config.get("num_epochs", 0)
+    if images and epochs:
+        report.train_steps = math.ceil(epochs * images / int(inp.batch_size))
+        report.train_detail = f"{epochs} epochs of {images:,} images at batch {inp.batch_size}"
 
 
 # ---------------------------------------------------------------------------------------------- output
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _bytes(n: int | None) -> str:
@@ -406,12 +463,23 @@ def format_report(report: Report) -> str:
     rows.append((f"flops per call, {n} chips", [_flop_text(p.flops * n if p.flops else None) for p in r.programs]))
     rows.append(("flops per example", [_flop_text(p.flops * n / p.batch_size if p.flops else None)
                                        for p in r.programs]))
+    rows.append(("bytes accessed per chip", [_bytes(int(p.bytes_accessed)) if p.bytes_accessed else "-"
+                                             for p in r.programs]))
+    rows.append(("est. seconds per call", [f"{s:.3g}" if (s := p.roofline_seconds(r.chip)) else "-"
+                                           for p in r.programs]))
     rows.append(("fits", ["yes" if p.fits else f"NO (over by {_bytes(p.over_bytes)})"
                           if p.over_bytes else "NO" for p in r.programs]))
     width = max(len(k) for k, _ in rows)
     cols = [max(len(v[i]) for _, v in rows) for i in range(len(r.programs))]
     for k, vals in rows:
         lines.append(f"{k:<{width}}  " + "  ".join(f"{v:>{c}}" for v, c in zip(vals, cols)))
+    estimates = r.estimates()
+    if any(p.roofline_seconds(r.chip) for p in r.programs):
+        lines.append(f"estimates (roofline: the larger of flops at {r.chip.peak_flops / 1e12:g} TFLOP/s and bytes "
+                     f"at {r.chip.hbm_bandwidth / 1e9:g} GB/s per {r.chip.name} chip, published bf16 figures; JAX "
+                     f"runs float32 matmuls on TPU as bf16 passes by default; no communication or imperfect "
+                     f"overlap counted, so real times are longer):")
+        lines.extend(f"  {e}" for e in estimates)
     for note in r.notes:
         lines.append(f"note: {note}")
     for p in r.programs:

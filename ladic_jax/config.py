@@ -291,6 +291,19 @@ def validate(config: ml_collections.ConfigDict, exclude: Sequence[str] = ()) -> 
     return config
 
 
+# --------------------------------------------------------------------------- mixed precision
+
+#: ``config.dtype``: the activation and matmul dtype of every model. Parameters, optimizer state, losses and
+#: their reductions, attention softmax and the denoisers' outputs stay float32 either way; "bfloat16" is
+#: mixed precision for TPU/GPU, "float32" the CPU default.
+DTYPES = ("float32", "bfloat16")
+
+
+@register_validator("dtype")
+def _validate_dtype(config) -> None:
+    check(config.dtype in DTYPES, "config.dtype", f"must be one of {list(DTYPES)}, got {config.dtype!r}")
+
+
 # --------------------------------------------------------------------------- the input section
 
 

@@ -28,12 +28,21 @@ from ladic_jax import sampler as sampler_lib
 from ladic_jax import sharding
 
 
-def flops(compiled) -> float:
-    """Flops of a compiled program as XLA counts them (a loop body once)."""
+def _analysis(compiled) -> dict:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax: one dict per program
         cost = cost[0] if cost else {}
-    return float((cost or {}).get("flops", 0.0))
+    return cost or {}
+
+
+def flops(compiled) -> float:
+    """Flops of a compiled program as XLA counts them (a loop body once)."""
+    return float(_analysis(compiled).get("flops", 0.0))
+
+
+def bytes_accessed(compiled) -> float:
+    """Bytes the program reads and writes in device memory as XLA estimates them (a loop body once)."""
+    return float(_analysis(compiled).get("bytes accessed", 0.0))
 
 
 def _compile(jitted, args):
@@ -42,20 +51,30 @@ def _compile(jitted, args):
 
 @dataclasses.dataclass
 class SamplerCost:
-    """Flops of one sampler call (the whole batch, all devices' share as XLA reports it for one program)."""
+    """Flops (and bytes accessed) of one sampler call and its phases, as XLA reports them for one program
+    (per device when it is split over several)."""
 
     loop_steps: int
     program: float | None = None   # the sampler program as XLA counts it (loop body once)
     context: float | None = None
     step: float | None = None
     finalize: float | None = None
+    program_bytes: float | None = None
+    step_bytes: float | None = None
 
     @property
     def total(self) -> float | None:
-        """The program with every loop step counted."""
+        """The program's flops with every loop step counted."""
         if self.program is None or self.step is None:
             return None
         return self.program + (self.loop_steps - 1) * self.step
+
+    @property
+    def total_bytes(self) -> float | None:
+        """The program's bytes accessed with every loop step counted."""
+        if self.program_bytes is None or self.step_bytes is None:
+            return None
+        return self.program_bytes + (self.loop_steps - 1) * self.step_bytes
 
     @property
     def denoising(self) -> float | None:
@@ -99,8 +118,12 @@ def sampler_cost(family, sampler_cfg, params, batch, rng, *, mesh=None, program=
     cost = SamplerCost(loop_steps=len(sampler_lib.loop_timesteps(family, sampler_cfg)))
     if program is None:
         program = compile_fn(sampler_lib.make_sample_fn(family, sampler_cfg), (params, batch, rng))
-    cost.program = None if program is None else flops(program)
+    if program is not None:
+        cost.program, cost.program_bytes = flops(program), bytes_accessed(program)
     for name, (fn, args) in phase_programs(family, sampler_cfg, params, batch, rng, mesh).items():
         compiled = compile_fn(fn, args)
-        setattr(cost, name, None if compiled is None else flops(compiled))
+        if compiled is not None:
+            setattr(cost, name, flops(compiled))
+            if name == "step":
+                cost.step_bytes = bytes_accessed(compiled)
     return cost

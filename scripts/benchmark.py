@@ -48,6 +48,7 @@ def _row(name: str, seconds: float, flops: float | None, peak: float, extra: str
 
 
 def main(argv=None) -> None:
+    from ladic_jax import aot
     from ladic_jax import cost as cost_lib
     from ladic_jax import sampler as sampler_lib
     from ladic_jax import sharding, trainer
@@ -62,7 +63,9 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=5, help="timed calls per figure (default: %(default)s)")
     p.add_argument("--skip-train", action="store_true", help="time the sampler only")
     args, overrides = common.parse(p, argv)
-    cfg = common.load(args.config, overrides)
+    cfg, notes = aot.offline_config(common.load(args.config, overrides))  # no dataset or download needed
+    for note in notes:
+        print(f"note: {note}")
     if args.batch:
         cfg.input.batch_size = args.batch
     sk = trainer.skeleton(cfg, check_batches=False)

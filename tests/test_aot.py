@@ -222,3 +222,23 @@ def test_word_diffusion_paper_configs_compile_for_a_tpu_slice(spec):
     assert report.fits, aot.format_report(report)
     train, sample = report.programs
     assert sample.detail == f"{cfg.sampler.steps} steps" and sample.flops > 0 and train.flops > 0
+
+
+def test_roofline_estimates_and_the_paper_run_length():
+    """One call's estimate is the larger of flops at the chip's peak and bytes at its HBM bandwidth; the paper
+    config's run is 60 epochs of COCO's 113,287 train+restval images at batch 512; its test split 5,000."""
+    from ladic_jax import config as config_lib
+
+    chip = aot.CHIPS["v5e"]
+    train = aot.ProgramFit("train step", 512, chip.xla_limit_bytes, flops=0.5 * 197e12, bytes_accessed=0.2 * 819e9)
+    assert train.roofline_seconds(chip) == pytest.approx(0.5)          # compute-bound
+    sampler = aot.ProgramFit("sampler", 512, chip.xla_limit_bytes, flops=0.1 * 197e12, bytes_accessed=3 * 819e9,
+                             detail="30 steps")
+    assert sampler.roofline_seconds(chip) == pytest.approx(3.0)        # memory-bound
+    report = aot.Report("ladic_coco", "v5e:4x4", chip, 16, "TPU v5 lite", {"data": 16}, 0, [train, sampler], [])
+    aot._run_length(report, config_lib.load_config(os.path.join(REPO, "configs/ladic_coco.py")))
+    assert report.train_steps == math.ceil(60 * 113_287 / 512) == 13_276 and report.eval_images == 5_000
+    training, captioning = report.estimates()
+    assert training.startswith("training: 13,276 steps (60 epochs of 113,287 images at batch 512) x 0.5 s = 110.6 min")
+    assert captioning.startswith("captioning the 5,000 evaluation images: 10 call(s) of 512 (30 steps) x 3 s")
+    assert "estimates (roofline" in aot.format_report(report)

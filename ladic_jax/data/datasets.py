@@ -43,6 +43,26 @@ def karpathy_input(data: str) -> dict[str, str]:
     return {"dataset": f"karpathy_captions/{data}", "train_split": "train+restval" if data == "coco" else "train"}
 
 
+# Split sizes of the real datasets as their sources give them (images), for estimates made without the data
+# (the AOT report's training and captioning times).
+KNOWN_SPLIT_SIZES = {
+    "karpathy_captions/coco": {"train": 82_783, "restval": 30_504, "val": 5_000, "test": 5_000},
+    "coco_captions/2014": {"train": 82_783, "restval": 30_504, "val": 5_000, "test": 5_000},
+    "karpathy_captions/flickr8k": {"train": 6_000, "val": 1_000, "test": 1_000},
+    "karpathy_captions/flickr30k": {"train": 29_000, "val": 1_014, "test": 1_000},
+    "cub_captions/default": {"train": 5_994, "test": 5_794},
+    "cub_captions/unseen_classes": {"train": 8_855, "test": 2_933},
+}
+
+
+def known_size(dataset: str, split: str) -> int | None:
+    """Images of a split spec ("train+restval") of a dataset in KNOWN_SPLIT_SIZES, or None."""
+    sizes = KNOWN_SPLIT_SIZES.get(dataset)
+    if sizes is None or any(part not in sizes for part in split.split("+")):
+        return None
+    return sum(sizes[part] for part in split.split("+"))
+
+
 def base_name(dataset: str) -> str:
     """"karpathy_captions/coco:1.0.0" -> "karpathy_captions"."""
     return dataset.split("/")[0].split(":")[0]
