@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -127,13 +126,7 @@ class CubCaptions(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             description=("Caltech-UCSD Birds-200-2011 images (Wah et al. 2011) with ten captions each "
                          "(Reed et al., CVPR 2016), read from local files."),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                "image/id": np.int64,
-                "image/filename": tfds.features.Text(),
-                "image/class": tfds.features.Text(),
-                "captions": tfds.features.Sequence({"id": np.int64, "text": tfds.features.Text()}),
-            }),
+            features=layout.captioning_features(image_fields=("class",)),
             homepage="https://www.vision.caltech.edu/datasets/cub_200_2011/",
         )
 

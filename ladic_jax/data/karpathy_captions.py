@@ -36,7 +36,6 @@ import dataclasses
 import logging
 from collections.abc import Iterator
 
-import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -184,13 +183,7 @@ class KarpathyCaptions(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             description=("Image captioning in Karpathy's splits (Karpathy & Fei-Fei, CVPR 2015) over "
                          f"{' and '.join(self.builder_config.sources)}, read from local files."),
-            features=tfds.features.FeaturesDict({
-                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-                "image/id": np.int64,
-                "image/filename": tfds.features.Text(),
-                "captions": tfds.features.Sequence({
-                    "id": np.int64, "text": tfds.features.Text(), "tokens": tfds.features.Text()}),
-            }),
+            features=layout.captioning_features(caption_fields=("tokens",)),
             homepage="https://cs.stanford.edu/people/karpathy/deepimagesent/",
         )
 

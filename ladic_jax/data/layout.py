@@ -14,6 +14,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+import tensorflow_datasets as tfds
 from etils import epath
 
 
@@ -76,6 +78,20 @@ def read_table(path: epath.Path, columns: int, dataset: str) -> list[list[str]]:
                              f"got {line.strip()!r}")
         rows.append(fields)
     return rows
+
+
+def captioning_features(image_fields=(), caption_fields=()) -> tfds.features.FeaturesDict:
+    """The features of a captioning dataset built from image files, as `coco_captions` has them: `image` (the
+    file's bytes, any size), `image/id`, `image/filename`, `captions` (`id`, `text`); plus further text fields
+    of the image (`image_fields`) and of each caption (`caption_fields`)."""
+    return tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+        "image/id": np.int64,
+        "image/filename": tfds.features.Text(),
+        **{f"image/{name}": tfds.features.Text() for name in image_fields},
+        "captions": tfds.features.Sequence({"id": np.int64, "text": tfds.features.Text(),
+                                            **{name: tfds.features.Text() for name in caption_fields}}),
+    })
 
 
 def read_image_bytes(path: epath.Path, dataset: str, what: str) -> bytes:
