@@ -218,12 +218,16 @@ def test_clip_text_guidance_combines_conditional_and_null_predictions():
     assert np.isfinite(float(loss)) and set(metrics) >= {"x0_mse", "rounding_ce"}
     from ladic_jax.evaluation.evaluator import sampler_config
     scfg = sampler_config(cfg)
+    scfg.batch_guidance = False
     ctx = fam.sampling_context(params, batch, scfg)
     assert ctx["cond"].shape == ctx["null"].shape == (2, 2, 32)  # image token + text slot
     x = jax.random.normal(jax.random.key(3), (2, cfg.input.max_length, 384))
-    state = fam.denoise_step(params, ctx, {"x": x, "x0_hat": jnp.zeros_like(x)}, 999, 799, jax.random.key(4), scfg)
     t = jnp.full((2,), 999, jnp.int32)
     f = lambda cond: fam.module.apply({"params": params}, x, t, cond, method=wd.WordDiffusionModel.denoise)  # noqa: E731
     want = 2.5 * f(ctx["cond"]) - 1.5 * f(ctx["null"])
-    np.testing.assert_allclose(np.asarray(state["x"]), np.asarray(want), rtol=1e-5, atol=1e-5)  # refeed: x = x̂0
     assert not np.allclose(np.asarray(f(ctx["cond"])), np.asarray(f(ctx["null"])))
+    for batched in (False, True):  # two calls, or one call on paired rows
+        scfg.batch_guidance = batched
+        ctx = fam.sampling_context(params, batch, scfg)
+        state = fam.denoise_step(params, ctx, {"x": x, "x0_hat": jnp.zeros_like(x)}, 999, 799, jax.random.key(4), scfg)
+        np.testing.assert_allclose(np.asarray(state["x"]), np.asarray(want), rtol=1e-5, atol=1e-5)  # refeed: x = x̂0
