@@ -42,7 +42,6 @@ def get_config(arg=None):
         image_tokenizer=tokenizer,
         code_embedding="learned" if arg.learned_codes else "codebook",
         # The training images' codes computed once and kept with the parameters (5000 x 64), not every step.
-        code_cache=True,
         # Two self-attention blocks over the 64 code tokens: the small VQ-VAE is convolutional, its codes see
         # only their 8x8 patch (the paper's VQGAN encoder has attention). Without them, 2000 steps: BLEU-4 0.320
         # (T = 100, r = 1); with them, 2500 steps: 0.340 (not a controlled comparison: the lengths differ).
@@ -68,7 +67,9 @@ def get_config(arg=None):
     c.stop_at_step = 0
     c.optim = dict(lr=1e-3, warmup=0.05, decay="linear", end_lr_factor=0.0, weight_decay=0.01,
                    b1=0.9, b2=0.96, eps=1e-8, grad_clip=1.0,
-                   frozen=[r"^image_tokenizer/", r"^(vocab_ids|loss_history|loss_counts|code_ids|code_table)$"])
+                   frozen=[r"^image_tokenizer/", r"^(vocab_ids|loss_history|loss_counts)$"])
+    # The frozen VQ-VAE codes of each training image computed once (ladic_jax/feature_cache.py).
+    c.feature_cache = dict(kind="memory", dir="")
     c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
     c.distributed = distributed_section()
     c.sharding_rules = [(r"(kernel|embedding)$", "fsdp"), (r".*", "replicate")]

@@ -85,6 +85,9 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     if "sampler" in config:  # the sampler loop's own fields, so that they can be overridden like any other
         from ladic_jax import sampler as sampler_lib  # (imported here: it imports this module)
         sampler_lib.complete(config.sampler)
+    if "optim" in config and "feature_cache" not in config:  # a training config: the cache is off unless set
+        from ladic_jax import feature_cache
+        config.feature_cache = feature_cache.default_section()
     return config
 
 

@@ -30,6 +30,7 @@ import optax
 from ladic_jax import checkpoint as ckpt_lib
 from ladic_jax import config as config_lib
 from ladic_jax import distributed
+from ladic_jax import feature_cache
 from ladic_jax import optim
 from ladic_jax import sharding
 from ladic_jax.data import pipeline
@@ -143,6 +144,8 @@ def skeleton(config, devices: Sequence[jax.Device] | None = None, *, check_batch
                 "opt_state": abstract_opt, "rng": jax.eval_shape(lambda: rng)}
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     frozen = optim.frozen_mask(abstract_params, list(config.optim.frozen))
+    if feature_cache.kind(config) != "off":
+        feature_cache.check_frozen(family, frozen)
     return Skeleton(family, mesh, tx, schedule, steps, init_fn, abstract, shardings, frozen)
 
 
@@ -313,6 +316,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
         print(f"[train] {config.family}: {n_params:,} parameters ({n_params - n_frozen:,} trainable); "
               f"{s.total_steps} steps of batch {config.input.batch_size}; mesh {dict(s.mesh.shape)}", flush=True)
     batches = pipeline.make_train_iterator(config.input, s.family.tokenizer, start_step=step)
+    cache, cache_notes = feature_cache.for_run(s.family, state["params"], s.mesh, config, workdir)
+    for n in cache_notes:
+        print(f"[train] {n}", flush=True)
     progress = Progress(s.total_steps, step, config.input.batch_size)
     last: dict[str, Any] = {}
 
@@ -332,7 +338,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     pending = None
     with _StopRequest() as stop:
         while step < s.total_steps:
-            batch = sharding.global_batch(next(batches), s.mesh)
+            local = next(batches)
+            batch = sharding.global_batch(cache.attach(local) if cache else local, s.mesh)
             state, metrics = train_step(state, batch)
             step += 1
             if pending is not None:

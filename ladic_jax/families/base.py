@@ -39,6 +39,11 @@ class Family(abc.ABC):
     #: score) or "reconstruction" (an image autoencoder: ``reconstruct``, scored by pixel error and
     #: codebook use, with a sheet of originals and reconstructions)
     evaluation: str = "captions"
+    #: a frozen image encoder whose output the trainer may cache per training image (``ladic_jax.feature_cache``):
+    #: the batch field the loss then reads in place of "image", and a regex of the encoder's parameters (all
+    #: of which must be frozen); None: no such encoder
+    feature_field: str | None = None
+    feature_params: str | None = None
 
     def __init__(self, config):
         self.config = config
@@ -106,6 +111,10 @@ class Family(abc.ABC):
         """Data-dependent set-up before the first step (e.g. latent statistics): {parameter path: array} and
         notes, as ``load_pretrained``. Host side."""
         return {}, []
+
+    def frozen_features(self, params: Params, images: jax.Array) -> jax.Array:
+        """What the loss reads as ``batch[feature_field]``: the frozen encoder's output for images (B, ...)."""
+        raise NotImplementedError(f"family {self.name!r} has no cacheable encoder")
 
     # ---- training ----------------------------------------------------------------------------
     @abc.abstractmethod

@@ -176,6 +176,7 @@ def _check_architecture(part: str, declared, loaded, source: str) -> None:
 @base.register
 class Ladic(base.Family):
     name = "ladic"
+    feature_field, feature_params = "image_tokens", r"^image/"
 
     def __init__(self, config):
         super().__init__(config)
@@ -357,6 +358,14 @@ class Ladic(base.Family):
         return out, notes
 
     # ---- training ----------------------------------------------------------------------------
+    def frozen_features(self, params, images):
+        return self._apply(params, images, method=LadicModel.image_tokens)
+
+    @property
+    def _image_shape(self) -> tuple[int, int, int]:
+        n = int(self.config.input.image_size)
+        return (n, n, 3)
+
     def loss(self, params, batch, rng, train=True):
         m = self.config.model
         tokens, token_mask = batch["tokens"], batch["token_mask"]
@@ -368,10 +377,16 @@ class Ladic(base.Family):
         if m.get("input_scaling", False):
             x_t = x_t * self.diffusion.input_scale(t)[:, None, None]
         null = jax.random.bernoulli(k_null, m.uncond_prob, (bsz,)) if train else jnp.zeros((bsz,), bool)
-        image = batch["image"]
-        if self._zero_image_null:
-            image, null = jnp.where(null[:, None, None, None], 0.0, image), jnp.zeros_like(null)
-        img = self._apply(params, image, method=LadicModel.image_tokens)
+        if "image_tokens" in batch:  # cached by the trainer (ladic_jax.feature_cache): a frozen encoder
+            img = jax.lax.stop_gradient(batch["image_tokens"])
+            if self._zero_image_null:
+                zero = self.frozen_features(params, jnp.zeros((1,) + self._image_shape, jnp.float32))
+                img, null = jnp.where(null[:, None, None], zero, img), jnp.zeros_like(null)
+        else:
+            image = batch["image"]
+            if self._zero_image_null:
+                image, null = jnp.where(null[:, None, None, None], 0.0, image), jnp.zeros_like(null)
+            img = self._apply(params, image, method=LadicModel.image_tokens)
         cond = self._apply(params, img, null, method=LadicModel.condition)
         denoise = functools.partial(self._apply, params, method=LadicModel.denoise, deterministic=not train)
         zeros = jnp.zeros_like(x0)

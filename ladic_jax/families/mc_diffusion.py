@@ -33,13 +33,13 @@ Config (``config.model``): image_tokenizer (path: a VQ-VAE export or a diffusers
 kind "vqvae"/"vqgan" + config sizes, randomly initialised: for AOT and tests), code_embedding ("codebook":
 a projection of the frozen VQ codebook vectors; "learned": a table), code_encoder_depth (self-attention
 blocks over the code tokens before the cross-attention; 0 = none, as the paper), denoiser (preset + overrides),
-vocab/max_vocab (and vocab_size: the tokenizer's, stated), code_cache (the training images' codes computed once, in
-``prepare``, and kept with the parameters; else computed on the fly every step), diffusion (num_timesteps, kind, schedule ends att_1/att_T/ctt_1/ctt_T, timestep_sampling
+vocab/max_vocab (and vocab_size: the tokenizer's, stated), diffusion (num_timesteps, kind, schedule ends att_1/att_T/ctt_1/ctt_T, timestep_sampling
 "importance" | "uniform", min_count), aux_weight, p_cond, p_mask, p_null.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,7 +50,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from ladic_jax import config as config_lib
-from ladic_jax.data import pipeline
 from ladic_jax.diffusion import discrete
 from ladic_jax.encoders import vqgan as vqgan_lib
 from ladic_jax.families import base
@@ -124,7 +123,6 @@ class MCModel(nn.Module):
     num_timesteps: int
     code_embedding: str
     code_encoder_depth: int = 0
-    cache_size: int = 0
     dtype: Any = jnp.float32
 
     def setup(self):
@@ -134,10 +132,6 @@ class MCModel(nn.Module):
                                          dtype=self.dtype)
         if self.closed_vocab:
             self.vocab_ids = self.param("vocab_ids", nn.initializers.zeros, (self.num_classes,), jnp.float32)
-        if self.cache_size:  # codes of the training images, by image id (model.code_cache)
-            self.code_ids = self.param("code_ids", nn.initializers.zeros, (self.cache_size, 2), jnp.float32)
-            self.code_table = self.param("code_table", nn.initializers.zeros,
-                                         (self.cache_size, self.num_image_tokens), jnp.float32)
         self.loss_history = self.param("loss_history", nn.initializers.zeros, (self.num_timesteps,), jnp.float32)
         self.loss_counts = self.param("loss_counts", nn.initializers.zeros, (self.num_timesteps,), jnp.float32)
 
@@ -163,15 +157,12 @@ class MCModel(nn.Module):
     def history(self):
         return self.loss_history, self.loss_counts
 
-    def cache(self):
-        return self.code_ids, self.code_table
-
     def __call__(self, classes, images):
         codes = self.codes(images)
         if self.tokenizer_kind == "vqvae":  # create the decoder's parameters too (one layout with the export)
             self.image_tokenizer(images)
         t = jnp.zeros((classes.shape[0],), jnp.int32)
-        return self.denoise(classes, t, self.condition(codes)), self.history(), self.cache() if self.cache_size else None
+        return self.denoise(classes, t, self.condition(codes)), self.history()
 
 
 def mask_condition(rng: jax.Array, codes: jax.Array, mask_id: int, p_cond: float, p_mask: float,
@@ -193,6 +184,7 @@ def mask_condition(rng: jax.Array, codes: jax.Array, mask_id: int, p_cond: float
 @base.register
 class MCDiffusion(base.Family):
     name = "mc_diffusion"
+    feature_field, feature_params = "image_codes", r"^image_tokenizer/"
 
     def __init__(self, config):
         super().__init__(config)
@@ -216,11 +208,9 @@ class MCDiffusion(base.Family):
         self.denoiser_config = DiffuserConfig.preset(dn.preset, latent_dim=1, cond_dim=width,
                                                      max_len=config.input.max_length, **overrides)
         tok = self.image_tokenizer
-        self.cache_size = (pipeline.num_eval_examples(config.input, config.input.train_split)
-                           if m.get("code_cache", False) else 0)
         self.module = MCModel(tok.module, tok.kind, tok.num_codes, tok.num_tokens, self.denoiser_config, self.num_classes, bool(self.vocab_size),
                               int(d.num_timesteps), m.get("code_embedding", "codebook"),
-                              int(m.get("code_encoder_depth", 0)), self.cache_size,
+                              int(m.get("code_encoder_depth", 0)),
                               dtype=jnp.dtype(config.get("dtype", "float32")))
         inp = config.input
         # input normalisation -> [0, 1] -> the tokenizer's normalisation
@@ -268,15 +258,10 @@ class MCDiffusion(base.Family):
         br = config.sampler.get("back_refine")
         c.check(br is None or not br.get("enabled", False), "config.sampler.back_refine.enabled",
                 "is not supported by the discrete family")
-        cache = m.get("code_cache", False)
-        c.check(isinstance(cache, bool), "config.model.code_cache", f"must be a bool, got {cache!r}")
-        if cache:
-            augmented = [f for f in ("flip", "random_resized_crop") if config.input.get(f)]
-            c.check(not augmented, "config.model.code_cache", f"needs the training images unaugmented: "
-                    f"config.input.{augmented[0] if augmented else ''} changes them from epoch to epoch")
+        c.check("code_cache" not in m, "config.model.code_cache",
+                "is now config.feature_cache.kind ('memory' | 'disk' | 'off'), shared by the families")
         frozen = list(config.optim.get("frozen", []))
-        for name in (("image_tokenizer/x", "loss_history", "loss_counts") + (("vocab_ids",) if m.vocab == "train" else ())
-                     + (("code_ids", "code_table") if cache else ())):
+        for name in ("image_tokenizer/x", "loss_history", "loss_counts") + (("vocab_ids",) if m.vocab == "train" else ()):
             c.check(any(re.search(p, name) for p in frozen), "config.optim.frozen",
                     f"must match {name!r} (set by loading / data / the step, never by the optimizer)")
 
@@ -325,49 +310,19 @@ class MCDiffusion(base.Family):
                  f"{len(flat)} tensors from {self.config.model.image_tokenizer.path}"])
 
     def prepare(self, params, train_batches: Iterator[dict[str, jax.Array]]):
-        """The closed vocabulary (one epoch of training captions) and, with ``model.code_cache``, the codes of
-        every training image, computed once (the stream is read until each image id has been seen)."""
+        """The closed vocabulary: the token ids of one epoch of training captions."""
         self._check_vocab_size()
-        out, notes = {}, []
-        vocab_batches = vocab_lib.epoch_batches(self.config) if self.vocab_size else 0
+        if not self.vocab_size:
+            return {}, []
         seen: set[int] = set()
-        codes: dict[int, np.ndarray] = {}
-        encode = jax.jit(self.image_codes)
-        limit = max(vocab_batches, 3 * vocab_lib.epoch_batches(self.config) if self.cache_size else 0)
-        for i, batch in zip(range(limit), train_batches):
-            if i < vocab_batches:
-                seen.update(np.unique(to_host(batch["tokens"])).tolist())
-            if len(codes) < self.cache_size:
-                ids = to_host(batch["image_id"]).astype(np.int64)
-                new = [j for j, k in enumerate(ids) if int(k) not in codes]
-                if new:
-                    c = to_host(encode(params, batch["image"]))
-                    codes.update({int(ids[j]): c[j] for j in new})
-            if i + 1 >= vocab_batches and len(codes) >= self.cache_size:
-                break
-        if self.vocab_size:
-            start, end, pad = self.start_end_pad
-            out["vocab_ids"], note = vocab_lib.build(seen, (pad, start, end), self.vocab_size)
-            notes.append(note)
-        if self.cache_size:
-            if len(codes) < self.cache_size:
-                raise ValueError(f"config.model.code_cache: {len(codes)} of the {self.cache_size} training images "
-                                 f"came through three epochs of the training stream (bad records skipped?)")
-            ids = np.array(sorted(codes), np.int64)
-            out["code_ids"] = np.stack([ids >> 16, ids & 0xFFFF], 1).astype(np.float32)  # exact halves
-            out["code_table"] = np.stack([codes[int(k)] for k in ids]).astype(np.float32)
-            notes.append(f"code cache: the {len(ids)} training images' codes computed once")
-        return out, notes
+        for batch in itertools.islice(train_batches, vocab_lib.epoch_batches(self.config)):
+            seen.update(np.unique(to_host(batch["tokens"])).tolist())
+        start, end, pad = self.start_end_pad
+        vocab_ids, note = vocab_lib.build(seen, (pad, start, end), self.vocab_size)
+        return {"vocab_ids": vocab_ids}, [note]
 
-    def _cached_codes(self, params, batch):
-        """The training images' codes from the cache, by image id (computed anew if an id is not in it)."""
-        halves, table = self._apply(params, method=MCModel.cache)
-        ids = halves[:, 0].astype(jnp.int32) * 65536 + halves[:, 1].astype(jnp.int32)
-        want = batch["image_id"].astype(jnp.int32)
-        idx = jnp.clip(jnp.searchsorted(ids, want), 0, ids.shape[0] - 1)
-        found = jnp.all(ids[idx] == want)
-        return jax.lax.cond(found, lambda: table[idx].astype(jnp.int32),
-                            lambda: self.image_codes(params, batch["image"]))
+    def frozen_features(self, params, images):
+        return self.image_codes(params, images)
 
     def image_codes(self, params, images):
         """(B, N) int32 codes of images in the input pipeline's normalisation (never differentiated)."""
@@ -381,8 +336,8 @@ class MCDiffusion(base.Family):
         classes, known = self._to_classes(params, batch["tokens"])
         B = classes.shape[0]
         k_mask, k_t, k_q, k_drop = jax.random.split(rng, 4)
-        if train and self.cache_size and "image_id" in batch:
-            codes = self._cached_codes(params, batch)
+        if "image_codes" in batch:  # cached by the trainer (ladic_jax.feature_cache)
+            codes = batch["image_codes"].astype(jnp.int32)
         else:
             codes = self.image_codes(params, batch["image"])
         if train:

@@ -14,7 +14,7 @@ import pytest
 
 from ladic_jax import config as config_lib
 from ladic_jax import sampler as sampler_lib
-from ladic_jax import sharding, trainer
+from ladic_jax import feature_cache, sharding, trainer
 from ladic_jax.data import pipeline
 from ladic_jax.data.text import normalize_caption
 from ladic_jax.evaluation import report
@@ -206,20 +206,22 @@ def test_paper_config_runlocal_on_cub_captions(real_data_dir, tmp_path):
     assert res["num_images"] == 5 and res["data/skipped_corrupt_image"] == 1 and "bleu_4" in res
 
 
-def test_code_cache_holds_every_training_image_and_equals_the_encoder(tiny_data_dir, tiny_vq_dir):
+def test_code_cache_holds_every_training_image_and_equals_the_encoder(tiny_data_dir, tiny_vq_dir, tmp_path):
     cfg = _tiny_config(tiny_data_dir, tiny_vq_dir)
-    assert cfg.model.code_cache
+    assert cfg.feature_cache.kind == "memory"
     sk = trainer.skeleton(cfg)
-    state, notes = trainer.fresh_state(sk, cfg)
-    n_train = pipeline.num_eval_examples(cfg.input, "train")
-    assert any(f"the {n_train} training images' codes computed once" in n for n in notes), notes
+    state, _ = trainer.fresh_state(sk, cfg)
     fam, params = sk.family, state["params"]
+    cache, notes = feature_cache.for_run(fam, params, sk.mesh, cfg, str(tmp_path))
+    n_train = pipeline.num_eval_examples(cfg.input, "train")
+    assert len(cache) == n_train and f"{n_train} training images' image_codes" in notes[0], notes
     it = pipeline.make_train_iterator(cfg.input, fam.tokenizer, start_step=3)
     for _ in range(2):
-        batch = sharding.global_batch(next(it), sk.mesh)
-        cached = jax.jit(fam._cached_codes)(params, batch)
-        np.testing.assert_array_equal(np.asarray(cached), np.asarray(fam.image_codes(params, batch["image"])))
+        local = next(it)
+        cached = cache.attach(local)["image_codes"]
+        want = fam.image_codes(params, sharding.global_batch(local, sk.mesh)["image"])
+        np.testing.assert_array_equal(cached, np.asarray(want))
     with cfg.unlocked():
         cfg.input.flip = True
-    with pytest.raises(config_lib.ConfigError, match=r"config.model.code_cache.*flip"):
+    with pytest.raises(config_lib.ConfigError, match=r"config.feature_cache.kind.*flip"):
         trainer.skeleton(cfg)
