@@ -18,6 +18,16 @@ How it differs from the paper default (configs/ladic_coco.py):
 - diffusion: linear betas with a leading 0 (ᾱ_0 = 1), noise factor 4 in training, 1 when sampling;
   the re-noising sampler calling the model at min(999, t + 5).
 
+Training (fine-tuning the converted model) as the release's script runs it:
+- no gradient clipping (the release's clip_grad_norm_ is commented out): ``optim.grad_clip = 0``;
+- AdamW weight decay 0.01 on every trainable parameter, biases and LayerNorm parameters included (torch's
+  AdamW over model.parameters()): ``optim.weight_decay_mask = "all"``;
+- the frozen BERT encoder computes the x0 targets with dropout on (the release calls model.train() on the
+  whole model; BERT's rate 0.1, so two encodings of one caption differ): ``model.text.target_dropout = 0.1``.
+  This is the release's behaviour, not the paper's; every other config leaves it off.
+- images resized as the release's torchvision transforms do, by PIL's bicubic filter (``input.resize =
+  "pil_bicubic"``), in training and evaluation.
+
 Every weight comes from the converted checkpoint, so the architecture is spelled out here and no
 pretrained file is read; only the tokenizer ("bert-base-uncased", a hub id found in the local HF
 cache or a local directory: --config.input.tokenizer=/path) is needed to encode and decode captions.
@@ -62,7 +72,7 @@ def get_config(arg=None):
         shuffle_buffer=20000, batch_size=512, eval_batch_size=100, seed=0, train_captions="sample")
 
     c.model = dict(
-        text=dict(pretrained=None, split_layer=6, config=dict(
+        text=dict(pretrained=None, split_layer=6, target_dropout=0.1, config=dict(
             vocab_size=30522, hidden_size=768, num_layers=6, num_heads=12, intermediate_size=3072,
             max_position_embeddings=512, type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu")),
         image=dict(pretrained=None, kind="blip_vision", config=dict(
@@ -80,7 +90,7 @@ def get_config(arg=None):
     c.num_epochs = 0
     c.stop_at_step = 0  # > 0: stop there with a checkpoint (resumable), keeping the schedule of total_steps
     c.optim = dict(lr=5e-5, warmup=0.1, decay="linear", end_lr_factor=0.0, weight_decay=0.01,
-                   b1=0.9, b2=0.999, eps=1e-8, grad_clip=1.0,
+                   weight_decay_mask="all", b1=0.9, b2=0.999, eps=1e-8, grad_clip=0.0,
                    frozen=[FROZEN_TEXT, FROZEN_IMAGE, r"^latent_(mean|std)$", r"^diffuser/null_condition$"])
     c.mesh = [("data", -1), ("fsdp", 1), ("model", 1)]
     c.distributed = distributed_section()  # multi-process runs: see ladic_jax/distributed.py

@@ -3,9 +3,10 @@
 ``config.optim`` fields:
   lr, warmup (fraction of total steps if < 1, else steps), warmup_init_lr (where the warmup starts,
   default 0), decay ("linear" | "cosine" | "constant"),
-  end_lr_factor, weight_decay, b1, b2, eps, grad_clip (0 = off),
+  end_lr_factor, weight_decay, b1, b2, eps, grad_clip (global-norm clipping; 0 = off),
+  weight_decay_mask: "matrices" (default: parameters with ndim >= 2, not biases, LayerNorm scales or the like)
+    | "all" (every trainable parameter, as torch's AdamW over model.parameters(): the LaDiC release),
   frozen: list of regexes over parameter paths ("text/lower/.*"); matched parameters get no update.
-Weight decay applies to matrices (ndim >= 2) only, not to biases, LayerNorm scales or the like.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import optax
 
 from ladic_jax import config as config_lib
 from ladic_jax.sharding import path_str
+
+
+WEIGHT_DECAY_MASKS = ("matrices", "all")
 
 
 def warmup_steps(optim_cfg, total_steps: int) -> int:
@@ -53,7 +57,10 @@ def frozen_mask(params: Any, patterns: list[str]) -> Any:
 
 def make_optimizer(optim_cfg, params: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = learning_rate_schedule(optim_cfg, total_steps)
-    decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
+    if optim_cfg.get("weight_decay_mask", "matrices") == "all":
+        decay_mask = jax.tree.map(lambda p: True, params)
+    else:
+        decay_mask = jax.tree.map(lambda p: p.ndim >= 2, params)
     parts = []
     if optim_cfg.get("grad_clip", 0.0):
         parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip))
@@ -81,6 +88,8 @@ def validate_optim(config) -> None:
     c.require_nonnegative(config, "optim.warmup")
     c.require_choice(config, "optim.decay", ("linear", "cosine", "constant"))
     c.require_nonnegative(config, "optim.weight_decay")
+    if "weight_decay_mask" in config.optim:
+        c.require_choice(config, "optim.weight_decay_mask", WEIGHT_DECAY_MASKS)
     c.require_nonnegative(config, "optim.grad_clip")
     c.require_positive(config, "optim.eps")
     for name in ("b1", "b2"):

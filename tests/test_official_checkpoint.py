@@ -375,3 +375,32 @@ def test_training_drops_the_image_by_zeroing_it(release):
     dropped, zero = always_drop(image), never_drop(np.zeros_like(image))
     assert np.all(np.isfinite(dropped)) and dropped == pytest.approx(zero, rel=1e-6)
     assert never_drop(image) != pytest.approx(zero, rel=1e-3)  # the image does matter when kept
+
+
+def test_a_fine_tuning_step_of_the_converted_release_runs_with_the_release_switches(release, tmp_path,
+                                                                                     real_data_dir):
+    """ladic-train on the converted run: one step with the release's training (no clipping, decay on every
+    parameter, target dropout), from the converted weights; the frozen encoders stay as converted."""
+    import shutil
+    from ladic_jax import checkpoint as ckpt_lib
+    from ladic_jax.cli import train as train_cli
+    run = str(tmp_path / "finetune")
+    shutil.copytree(release["out"], run)
+    train_cli.main(["--config", CONFIG, "--workdir", run, f"--config.input.data_dir={real_data_dir}",
+                    "--config.total_steps=1", "--config.eval.at_end=false"])
+    cfg = json.loads(open(os.path.join(run, "config.json")).read())
+    assert cfg["optim"]["grad_clip"] == 0 and cfg["optim"]["weight_decay_mask"] == "all"
+    assert cfg["model"]["text"]["target_dropout"] == 0.1
+    logged = [r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl"))) if "train/loss" in r]
+    assert [r["step"] for r in logged] == [1] and np.isfinite(logged[0]["train/loss"])
+    steps = ckpt_lib.Checkpointer(os.path.join(run, "checkpoints"), read_only=True).all_steps()
+    assert 1 in steps, steps
+    from ladic_jax.captioning import Captioner
+    tuned = Captioner(run).params
+    before = release["cap"].params
+    moved = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))), tuned, before)
+    flat = {"/".join(str(k.key) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(moved)[0]}
+    assert all(v == 0 for k, v in flat.items() if k.startswith(("image/", "text/embeddings", "latent_"))), \
+        {k: v for k, v in flat.items() if k.startswith(("image/", "latent_")) and v}
+    trained_biases = [k for k, v in flat.items() if k.startswith("diffuser/") and k.endswith("bias") and v > 0]
+    assert trained_biases, "no diffuser bias moved"

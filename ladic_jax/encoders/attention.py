@@ -39,9 +39,10 @@ class MultiHeadAttention(nn.Module):
     num_heads: int
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    dropout_rate: float = 0.0  # on the attention weights, when not deterministic (BERT's attention_probs_dropout)
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
         batch, length, width = x.shape
         if width % self.num_heads:
             raise ValueError(f"hidden size {width} is not divisible by num_heads={self.num_heads}")
@@ -59,6 +60,8 @@ class MultiHeadAttention(nn.Module):
         if mask is not None:
             scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        if self.dropout_rate and not deterministic:
+            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
         context = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, length, width)
         out = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, kernel_init=KERNEL_INIT, name="out")
         return out(context)

@@ -26,7 +26,10 @@ Parameter tree (names chosen so that the HF -> Flax table in `checkpoint_names.p
     mlm_head/transform, mlm_head/transform_norm, mlm_head/decoder/{kernel,bias}
     pooler/{kernel,bias}                               (only when used)
 
-No dropout: these encoders are used frozen or fine-tuned without it.
+Dropout (`dropout_rate`, default 0): where HF BERT has it in training mode -- after the embedding LayerNorm, on the
+attention weights, on the attention and feed-forward outputs before their residual LayerNorms -- one rate for all,
+active only in methods called with `deterministic=False` (and a "dropout" rng). LaDiC's release computes its
+training targets with the frozen encoder in that mode.
 """
 
 from __future__ import annotations
@@ -144,14 +147,16 @@ class BertConfig:
 
 
 class BertEmbeddings(nn.Module):
-    """Word + learned absolute position (+ token-type) embeddings, then LayerNorm."""
+    """Word + learned absolute position (+ token-type) embeddings, then LayerNorm (and dropout)."""
 
     config: BertConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None,
+                 deterministic: bool = True) -> jax.Array:
         c = self.config
 
         def embed(num: int, name: str) -> nn.Embed:
@@ -167,8 +172,13 @@ class BertEmbeddings(nn.Module):
             hidden = hidden + embed(c.type_vocab_size, "token_type_embeddings")(token_type_ids)
         elif token_type_ids is not None:
             raise ValueError("token_type_ids given, but this model has no token-type embeddings (type_vocab_size=0)")
-        return nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                            name="layer_norm")(hidden)
+        hidden = nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name="layer_norm")(hidden)
+        return _dropout(hidden, self.dropout_rate, deterministic)
+
+
+def _dropout(x: jax.Array, rate: float, deterministic: bool) -> jax.Array:
+    return nn.Dropout(rate)(x, deterministic=False) if rate and not deterministic else x
 
 
 class BertLayer(nn.Module):
@@ -177,9 +187,10 @@ class BertLayer(nn.Module):
     config: BertConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    dropout_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, hidden: jax.Array, mask: jax.Array | None) -> jax.Array:
+    def __call__(self, hidden: jax.Array, mask: jax.Array | None, deterministic: bool = True) -> jax.Array:
         c = self.config
 
         def dense(features: int, name: str) -> nn.Dense:
@@ -189,11 +200,13 @@ class BertLayer(nn.Module):
         def norm(name: str) -> nn.LayerNorm:
             return nn.LayerNorm(c.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
 
+        rate = self.dropout_rate
         attended = MultiHeadAttention(c.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
-                                      name="attention")(hidden, mask)
-        hidden = norm("attention_norm")(hidden + attended)
+                                      dropout_rate=rate, name="attention")(hidden, mask, deterministic)
+        hidden = norm("attention_norm")(hidden + _dropout(attended, rate, deterministic))
         intermediate = get_activation(c.hidden_act)(dense(c.intermediate_size, "intermediate")(hidden))
-        return norm("output_norm")(hidden + dense(c.hidden_size, "output")(intermediate))
+        out = _dropout(dense(c.hidden_size, "output")(intermediate), rate, deterministic)
+        return norm("output_norm")(hidden + out)
 
 
 class VocabDecoder(nn.Module):
@@ -251,15 +264,18 @@ class Bert(nn.Module):
     config: BertConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    dropout_rate: float = 0.0  # HF's hidden and attention dropout, in `embed`/`encode` with deterministic=False
 
     def setup(self):
         kwargs = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        self.embeddings = BertEmbeddings(self.config, **kwargs)
-        self.layers = [BertLayer(self.config, **kwargs) for _ in range(self.config.num_layers)]
+        self.embeddings = BertEmbeddings(self.config, dropout_rate=self.dropout_rate, **kwargs)
+        self.layers = [BertLayer(self.config, dropout_rate=self.dropout_rate, **kwargs)
+                       for _ in range(self.config.num_layers)]
         self.mlm_head = MlmHead(self.config, **kwargs)
         self.pooler = nn.Dense(self.config.hidden_size, kernel_init=KERNEL_INIT, **kwargs)  # params only if used
 
-    def embed(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None) -> jax.Array:
+    def embed(self, input_ids: jax.Array, token_type_ids: jax.Array | None = None,
+              deterministic: bool = True) -> jax.Array:
         """Token ids (B, L) -> embeddings (B, L, H) after the embedding LayerNorm."""
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
             raise ValueError(f"input_ids must be an integer array (batch, length), got {input_ids.dtype}{input_ids.shape}")
@@ -270,7 +286,7 @@ class Bert(nn.Module):
             )
         if token_type_ids is not None and token_type_ids.shape != input_ids.shape:
             raise ValueError(f"token_type_ids shape {token_type_ids.shape} != input_ids shape {input_ids.shape}")
-        return self.embeddings(input_ids, token_type_ids)
+        return self.embeddings(input_ids, token_type_ids, deterministic)
 
     def encode(
         self,
@@ -279,6 +295,7 @@ class Bert(nn.Module):
         start: int = 0,
         end: int | None = None,
         return_all: bool = False,
+        deterministic: bool = True,
     ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
         """Runs layers [start, end) on `hidden` (B, L, H); `attention_mask` (B, L) is 1 for tokens, 0 for padding.
 
@@ -298,7 +315,7 @@ class Bert(nn.Module):
             mask = padding_mask(attention_mask)
         states = [hidden]
         for layer in self.layers[start:end]:
-            hidden = layer(hidden, mask)
+            hidden = layer(hidden, mask, deterministic)
             states.append(hidden)
         return (hidden, tuple(states)) if return_all else hidden
 

@@ -18,7 +18,8 @@ Config (``config.model``):
   text.pretrained: "minilm" (the packaged MiniLM-L6), a local HF directory or hub id, or None (random
     init from ``text.config``); text.config: the sizes, optional beside ``pretrained`` (then the
     checkpoint's config.json must agree, and the model can be built without the checkpoint at hand);
-    text.split_layer; special_latent: "zero" | "period" | "period_raw";
+    text.split_layer; text.target_dropout (BERT's dropout rate while the frozen encoder computes the training
+    targets x0: the release runs it so, in train mode, at BERT's 0.1; 0 = off, the paper and every other config); special_latent: "zero" | "period" | "period_raw";
   image: the ViT (``image.pretrained`` and ``image.config`` like text; ``config`` alone trains from scratch;
     ``image.normalize_tokens``: the cross-attention reads every token after the ViT's final LayerNorm, which
     a CLIP tower applies to the pooled token only: e.g. a tower exported by the ``coca`` family, whose
@@ -78,10 +79,11 @@ class LadicModel(nn.Module):
     std_eps: float = _STD_EPS
     image_words: bool = False  # a linear head from the pooled image tokens to caption-word scores
     normalize_image_tokens: bool = False  # the ViT's final LayerNorm on every image token (CLIP: CLS only)
+    text_dropout: float = 0.0  # BERT dropout when the training targets are encoded (``model.text.target_dropout``)
     dtype: Any = jnp.float32
 
     def setup(self):
-        self.text = bert_lib.Bert(self.text_config, dtype=self.dtype)
+        self.text = bert_lib.Bert(self.text_config, dtype=self.dtype, dropout_rate=self.text_dropout)
         self.image = vit_lib.ViT(self.image_config, dtype=self.dtype)
         self.diffuser = Diffuser(self.diffuser_config, dtype=self.dtype)
         d = self.text_config.hidden_size
@@ -95,9 +97,9 @@ class LadicModel(nn.Module):
             self.image_words_head = nn.Dense(self.vocab_size or self.text_config.vocab_size, dtype=jnp.float32)
 
     # text space
-    def encode_raw(self, tokens, token_mask):
-        h = self.text.embed(tokens)
-        return self.text.encode(h, token_mask, 0, self.split_layer)
+    def encode_raw(self, tokens, token_mask, deterministic=True):
+        h = self.text.embed(tokens, deterministic=deterministic)
+        return self.text.encode(h, token_mask, 0, self.split_layer, deterministic=deterministic)
 
     def normalize(self, h):
         mean, std = jax.lax.stop_gradient((self.latent_mean, self.latent_std))
@@ -198,7 +200,8 @@ class Ladic(base.Family):
         self.module = LadicModel(self.text_config, self.image_config, self.diffuser_config,
                                  self.split_layer, self.vocab_size, float(m.get("latent_std_eps", _STD_EPS)),
                                  image_words=bool(m.get("image_words_weight", 0.0)),
-                                 normalize_image_tokens=bool(m.image.get("normalize_tokens", False)), dtype=dtype)
+                                 normalize_image_tokens=bool(m.image.get("normalize_tokens", False)),
+                                 text_dropout=float(m.text.get("target_dropout", 0.0)), dtype=dtype)
         d = config.diffusion
         self.diffusion = GaussianDiffusion.create(d.schedule, d.num_timesteps, d.noise_factor,
                                                   d.sample_noise_factor)
@@ -208,6 +211,9 @@ class Ladic(base.Family):
         """Rejects bad model/diffusion/sampler values, naming the field."""
         c = config_lib
         c.require_choice(config, "model.special_latent", ("zero", "period", "period_raw"))
+        rate = config.model.text.get("target_dropout", 0.0)
+        c.check(isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 <= rate < 1,
+                "config.model.text.target_dropout", f"must be a rate in [0, 1) (0 = off), got {rate!r}")
         for name, choices in (("null_condition", ("learned", "zero_image")), ("postprocess", ("plain", "official"))):
             if name in config.model:
                 c.require_choice(config, f"model.{name}", choices)
@@ -278,9 +284,15 @@ class Ladic(base.Family):
     def _is_special(self, tokens):
         return jnp.isin(tokens, jnp.asarray(self._special_ids))
 
-    def text_latents(self, params, tokens, token_mask):
-        """Normalised x0 latents (B,L,D) with the fixed special latent, and the CE targets (B,L)."""
-        raw = self._apply(params, tokens, token_mask, method=LadicModel.encode_raw)
+    def text_latents(self, params, tokens, token_mask, dropout_rng=None):
+        """Normalised x0 latents (B,L,D) with the fixed special latent, and the CE targets (B,L). With
+        ``dropout_rng`` and ``model.text.target_dropout`` > 0, the encoder runs with BERT's dropout (the release's
+        training targets); the special latent is always computed without."""
+        if dropout_rng is not None and self.module.text_dropout:
+            raw = self._apply(params, tokens, token_mask, False, method=LadicModel.encode_raw,
+                              rngs={"dropout": dropout_rng})
+        else:
+            raw = self._apply(params, tokens, token_mask, method=LadicModel.encode_raw)
         x0 = self._apply(params, raw, method=LadicModel.normalize)
         special = self._is_special(tokens)[..., None]
         if self.config.model.special_latent == "zero":
@@ -370,7 +382,7 @@ class Ladic(base.Family):
         m = self.config.model
         tokens, token_mask = batch["tokens"], batch["token_mask"]
         bsz = tokens.shape[0]
-        x0, targets = self.text_latents(params, tokens, token_mask)
+        x0, targets = self.text_latents(params, tokens, token_mask, jax.random.fold_in(rng, 7) if train else None)
         k_t, k_noise, k_null, k_sc, k_drop1, k_drop2 = jax.random.split(rng, 6)
         t = jax.random.randint(k_t, (bsz,), 0, self.diffusion.num_timesteps)
         x_t = self.diffusion.q_sample(x0, t, jax.random.normal(k_noise, x0.shape, x0.dtype))
