@@ -69,7 +69,7 @@ def get_config(arg=None):
         **karpathy_input(arg.data), data_dir=None, eval_split="test",
         image_size=224, image_mean=CLIP_MEAN, image_std=CLIP_STD, max_length=24,
         tokenizer="bert-base-uncased", random_resized_crop=True, crop_scale=(0.5, 1.0), flip=True,
-        shuffle_buffer=20000, batch_size=512, eval_batch_size=100, seed=0, train_captions="sample")
+        resize="pil_bicubic", shuffle_buffer=20000, batch_size=512, eval_batch_size=100, seed=0, train_captions="sample")
 
     c.model = dict(
         text=dict(pretrained=None, split_layer=6, target_dropout=0.1, config=dict(

@@ -85,6 +85,10 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     if "sampler" in config:  # the sampler loop's own fields, so that they can be overridden like any other
         from ladic_jax import sampler as sampler_lib  # (imported here: it imports this module)
         sampler_lib.complete(config.sampler)
+    if "input" in config:  # optional input fields, present so that they can be overridden like any other
+        for key, value in (("resize", RESIZE_METHODS[0]), ("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)):
+            if key not in config.input:
+                config.input[key] = value
     if "optim" in config and "feature_cache" not in config:  # a training config: the cache is off unless set
         from ladic_jax import feature_cache
         config.feature_cache = feature_cache.default_section()
@@ -312,6 +316,9 @@ def _validate_dtype(config) -> None:
 
 # Pixel limit of a decoded image: 4096 x 4096 RGB is 48 MiB as uint8, 192 MiB as float32.
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+# `config.input.resize`: how the input pipeline resizes images (`ladic_jax.data.pipeline`); the first is the
+# default, also for configs without the field.
+RESIZE_METHODS = ("tf_bicubic", "pil_bicubic")
 
 
 def input_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -327,7 +334,9 @@ def input_config(**overrides: Any) -> ml_collections.ConfigDict:
     train_caption_file (optional: JSON lines of image_id and caption that replace the references of those
     training images, e.g. a teacher's captions for sequence-level distillation), max_image_pixels
     (images declaring more pixels are decoded smaller or skipped; the rules in
-    `ladic_jax.data.bad_records`; optional, `DEFAULT_MAX_IMAGE_PIXELS` when absent).
+    `ladic_jax.data.bad_records`; optional, `DEFAULT_MAX_IMAGE_PIXELS` when absent), resize (one of
+    `RESIZE_METHODS`: "tf_bicubic", TensorFlow's antialiased bicubic, or "pil_bicubic", PIL's bicubic resize
+    exactly, as the LaDiC release preprocesses; optional, "tf_bicubic" when absent).
     """
     cfg = ml_collections.ConfigDict({
         "dataset": "shapes_captions/default",
@@ -349,6 +358,7 @@ def input_config(**overrides: Any) -> ml_collections.ConfigDict:
         "train_captions": "sample",
         "train_caption_file": "",
         "max_image_pixels": DEFAULT_MAX_IMAGE_PIXELS,
+        "resize": RESIZE_METHODS[0],
     })
     unknown = sorted(set(overrides) - set(cfg.keys()))
     if unknown:
@@ -426,6 +436,10 @@ def validate_input(input_cfg: ml_collections.ConfigDict, *, process_count: int |
     if "max_image_pixels" in c:  # Optional: configs saved before it existed take the default.
         check(is_int(c.max_image_pixels) and c.max_image_pixels > 0, f("max_image_pixels"),
               f"must be a positive integer (pixels), got {c.max_image_pixels!r}")
+    if "resize" in c:  # Optional: configs without it resize with RESIZE_METHODS[0].
+        check(c.resize in RESIZE_METHODS, f("resize"),
+              f"must be one of {list(RESIZE_METHODS)} (TensorFlow's antialiased bicubic, or PIL's bicubic as "
+              f"the LaDiC release resizes), got {c.resize!r}")
     return input_cfg
 
 

@@ -84,9 +84,17 @@ def read_rgb(path: str) -> np.ndarray:
         raise ImageReadError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
 
 
+def resize_bicubic(rgb: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (H, W, 3) -> uint8 (size, size, 3) by PIL's bicubic resize (aspect not kept), as torchvision's
+    `Resize` does on a PIL image (the LaDiC release's preprocessing); the image itself when it already has
+    that size (PIL would copy it unchanged). Also the input pipeline's `config.input.resize="pil_bicubic"`."""
+    if rgb.shape[:2] == (size, size):
+        return rgb
+    return np.asarray(Image.fromarray(rgb).resize((size, size), Image.BICUBIC))
+
+
 def preprocess(rgb: np.ndarray, image_size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Resize (bicubic, to image_size x image_size) and normalise: ((x / 255) - mean) / std, float32."""
-    if rgb.shape[:2] != (image_size, image_size):
-        rgb = np.asarray(Image.fromarray(rgb).resize((image_size, image_size), Image.BICUBIC))
+    """Resize (`resize_bicubic`, to image_size x image_size) and normalise: ((x / 255) - mean) / std, float32."""
+    rgb = resize_bicubic(rgb, image_size)
     x = rgb.astype(np.float32) / 255.0
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)

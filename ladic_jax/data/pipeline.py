@@ -16,12 +16,25 @@ Training stream (`make_train_iterator`)
   and skips the remaining records *before* image decoding (images are read as encoded bytes and
   decoded after the skip), which makes resuming cheap and exact.
 
-  Images: decoded to RGB, then either resized to `image_size` x `image_size` (bicubic,
-  antialiased, aspect not kept; no resampling when the image already has that size) or, with
-  `random_resized_crop`, a random crop of `crop_scale` of the area and aspect ratio in [3/4, 4/3]
-  (drawn uniformly, as `tf.image.sample_distorted_bounding_box` does; torchvision draws it
-  log-uniformly) resized likewise. Pixels are scaled to [0, 1] and normalised with `image_mean`
-  and `image_std`.
+  Images: decoded to RGB, then either resized to `image_size` x `image_size` (bicubic, aspect not
+  kept, by the method `resize` names below; no resampling when the image already has that size)
+  or, with `random_resized_crop`, a random crop of `crop_scale` of the area and aspect ratio in
+  [3/4, 4/3] (drawn uniformly, as `tf.image.sample_distorted_bounding_box` does; torchvision draws
+  it log-uniformly) cut from the uint8 image and resized likewise. Pixels are scaled to [0, 1] and
+  normalised with `image_mean` and `image_std`.
+
+  `resize` (`config.input.resize`, optional; every resize of both streams):
+    "tf_bicubic"  (the default, also when the field is absent) `tf.image.resize(..., "bicubic",
+                  antialias=True)` on the float image, not rounded. It differs from PIL's bicubic
+                  by about a grey level on smooth images and by up to ~24 grey levels (0.18 in
+                  normalised units with std 0.5) on noise, near the borders, when upscaling or
+                  shrinking little (mean ~0.003 either way, at 224 px).
+    "pil_bicubic" `PIL.Image.resize((size, size), Image.BICUBIC)` on the uint8 RGB image (in a
+                  `tf.numpy_function`; `image_files.resize_bicubic`, the call `ladic-caption`
+                  makes): the resize torchvision's `Resize` / `RandomResizedCrop` make on PIL
+                  images (the LaDiC release's preprocessing) exactly, rounded to uint8 as there;
+                  the crop box is still drawn as above. PIL runs on the host, in parallel calls
+                  (it releases the GIL while resampling).
 
   Flip: with `flip`, half of the training images are mirrored left-right and the sampled caption
   has the words "left"/"right" (and "leftmost"/"rightmost") swapped so that it stays true of the
@@ -65,6 +78,7 @@ import tensorflow_datasets as tfds
 from ladic_jax import config as config_lib
 from ladic_jax.data import bad_records
 from ladic_jax.data import datasets
+from ladic_jax.data import image_files
 from ladic_jax.data import text
 from ladic_jax.data.bad_records import SKIP_MASK
 
@@ -185,8 +199,17 @@ def _read(builder: tfds.core.DatasetBuilder, split) -> tf.data.Dataset:
 # --------------------------------------------------------------------------- image ops
 
 
-def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
-    """uint8 (h, w, 3) -> float32 (size, size, 3) in [0, 255]; bicubic, antialiased."""
+def _resize_method(cfg) -> str:
+    """`config.input.resize` (validated by `config.validate_input`); the default when absent."""
+    return cfg.get("resize", config_lib.RESIZE_METHODS[0])
+
+
+def _resize(image: tf.Tensor, size: int, method: str) -> tf.Tensor:
+    """uint8 (h, w, 3) -> float32 (size, size, 3) in [0, 255] by `method` (see the module docstring)."""
+    if method == "pil_bicubic":
+        return _pil_resize(image, size)
+    if method != "tf_bicubic":
+        raise ValueError(f"config.input.resize must be one of {list(config_lib.RESIZE_METHODS)}, got {method!r}")
     shape = tf.shape(image)
     same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
     resized = tf.cond(
@@ -197,7 +220,21 @@ def _resize(image: tf.Tensor, size: int) -> tf.Tensor:
     return tf.clip_by_value(tf.ensure_shape(resized, [size, size, 3]), 0.0, 255.0)
 
 
-def _random_resized_crop(image: tf.Tensor, size: int, scale, seed: tf.Tensor) -> tf.Tensor:
+def _pil_resize(image: tf.Tensor, size: int) -> tf.Tensor:
+    """`_resize` by PIL's bicubic resize of the uint8 image (`image_files.resize_bicubic`)."""
+
+    @tf.autograph.experimental.do_not_convert
+    def resize(rgb):
+        return image_files.resize_bicubic(np.ascontiguousarray(rgb), size)
+
+    shape = tf.shape(image)
+    same = tf.logical_and(tf.equal(shape[0], size), tf.equal(shape[1], size))
+    resized = tf.cond(same, lambda: image,  # (as PIL would: a copy) without a call to Python
+                      lambda: tf.numpy_function(resize, [image], tf.uint8, stateful=False))
+    return tf.cast(tf.ensure_shape(resized, [size, size, 3]), tf.float32)
+
+
+def _random_resized_crop(image: tf.Tensor, size: int, scale, seed: tf.Tensor, method: str) -> tf.Tensor:
     """A crop of `scale` of the area, aspect in [3/4, 4/3], resized to (size, size)."""
     begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         tf.shape(image),
@@ -209,7 +246,7 @@ def _random_resized_crop(image: tf.Tensor, size: int, scale, seed: tf.Tensor) ->
         max_attempts=10,
         use_image_if_no_bounding_boxes=True,
     )
-    return _resize(tf.slice(image, begin, crop_size), size)
+    return _resize(tf.slice(image, begin, crop_size), size, method)
 
 
 def _normalize(image: tf.Tensor, mean, std) -> tf.Tensor:
@@ -279,15 +316,16 @@ def _train_dataset(cfg, builder, split, num_local: int, local_batch: int, start_
 
     size, scale = int(cfg.image_size), tuple(cfg.crop_scale)
     crop, flip = bool(cfg.random_resized_crop), bool(cfg.flip)
+    method = _resize_method(cfg)
 
     def preprocess(ex):
         image_id = ex["image/id"]
         key = _fold(_fold(tf.constant([seed, _EXAMPLE_STREAM], tf.int64), ex["epoch"]), image_id)
         image, flags = _decode(ex["image"], cfg)  # A 1x1 dummy when skipped: processed, not used.
         if crop:
-            image = _random_resized_crop(image, size, scale, _fold(key, _CROP_KEY))
+            image = _random_resized_crop(image, size, scale, _fold(key, _CROP_KEY), method)
         else:
-            image = _resize(image, size)
+            image = _resize(image, size, method)
         flipped = tf.constant(False)
         if flip:
             flipped = tf.random.stateless_uniform([], _fold(key, _FLIP_KEY)) < 0.5
@@ -525,11 +563,12 @@ def make_eval_iterator(input_cfg, tokenizer=None, *, split: str | None = None,
 def _eval_dataset(cfg, builder, split, count: int, local_batch: int,
                   num_batches: int) -> tf.data.Dataset:
     size = int(cfg.image_size)
+    method = _resize_method(cfg)
 
     def preprocess(ex):
         image, flags = _decode(ex["image"], cfg)  # A 1x1 dummy when skipped: processed, not used.
         return {
-            "image": _normalize(_resize(image, size), cfg.image_mean, cfg.image_std),
+            "image": _normalize(_resize(image, size, method), cfg.image_mean, cfg.image_std),
             "image_id": ex["image/id"],
             "captions": ex["captions"]["text"],
             "_mask": tf.constant(True),
