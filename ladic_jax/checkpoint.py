@@ -227,6 +227,18 @@ class Checkpointer:
         self._mgr.close()
 
 
+def run_steps(workdir: str) -> list[int]:
+    """The steps of the checkpoints in WORKDIR/checkpoints ([] without any)."""
+    path = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(path):
+        return []
+    ck = Checkpointer(path, read_only=True)
+    try:
+        return ck.all_steps()
+    finally:
+        ck.close()
+
+
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) for a tree of arrays, as restore targets."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

@@ -37,6 +37,7 @@ import numpy as np
 
 from ladic_jax import checkpoint as ckpt_lib
 from ladic_jax import trainer
+from ladic_jax.data import text as text_lib
 from ladic_jax.encoders import checkpoint_names as names
 from ladic_jax.encoders.checkpoint_files import read_safetensors, read_torch_bin
 from ladic_jax.sharding import path_str
@@ -145,10 +146,22 @@ def release_params(tensors: dict[str, np.ndarray], template: dict[str, tuple[int
 
 
 def convert_official(checkpoint: str | Path, stats_dir: str | Path, workdir: str, config) -> dict:
-    """Writes ``workdir/config.json`` and ``workdir/checkpoints/0`` from the release; returns a summary."""
+    """Writes ``workdir/config.json`` and ``workdir/checkpoints/0`` from the release; returns a summary.
+
+    Checks first, writing nothing otherwise, that the run's tokenizer (``config.input.tokenizer``, stored in
+    its config.json as given) loads: the converted run needs it to encode and decode every caption; a
+    ``TokenizerError`` (a ValueError) names it and how to give another.
+    """
     ck_dir = os.path.join(workdir, "checkpoints")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir} is a file; give a new directory for the converted run")
     if os.path.isdir(ck_dir) and os.listdir(ck_dir):
         raise ValueError(f"--workdir {workdir} already holds checkpoints; convert into a new directory")
+    try:
+        text_lib.load_tokenizer(config.input.tokenizer)
+    except text_lib.TokenizerError as e:
+        raise text_lib.TokenizerError(f"{e} (the converted run needs it to encode and decode captions; nothing "
+                                      "was written)") from e
     sk = trainer.skeleton(config)
     family = sk.family
     abstract = sk.abstract_state["params"]

@@ -68,7 +68,10 @@ def main(argv=None) -> None:
     p.add_argument("--skip-train", action="store_true", help="time the sampler only")
     p.add_argument("--skip-sampler", action="store_true", help="time the train step only")
     args, overrides = common.parse(p, argv)
-    cfg, notes = aot.offline_config(common.load(args.config, overrides))  # no dataset or download needed
+    try:
+        cfg, notes = aot.offline_config(common.load(args.config, overrides))  # no dataset or download needed
+    except config_lib.ConfigError as e:
+        common.fail(str(e))
     for note in notes:
         print(f"note: {note}")
     if args.batch:

@@ -58,6 +58,8 @@ def main(argv=None) -> None:
                    help="which programs to compile: train_step, sampler or both (default: both)")
     p.add_argument("--json", metavar="FILE", help="also write the reports (bytes, flops, verdicts) as JSON")
     args, overrides = common.parse(p, argv)
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        common.fail(f"--json {args.json}: directory {os.path.dirname(os.path.abspath(args.json))} does not exist")
     common.setup_logging()
 
     from ladic_jax import aot

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ladic_jax.cli import common
@@ -12,7 +13,9 @@ from ladic_jax.cli import common
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(
         prog="ladic-caption", description="Print one caption per image. Files that cannot be read are "
-        "reported on stderr by name with the reason; the others are captioned.", epilog=common.OVERRIDE_HELP)
+        "reported on stderr by name with the reason; the others are captioned. A path that does not exist, a "
+        "tokenizer that does not load or a step without a checkpoint stops it before the model is loaded.",
+        epilog=common.OVERRIDE_HELP)
     p.add_argument("--workdir", required=True, help="a run directory written by ladic-train")
     p.add_argument("images", nargs="+", help="image files and/or directories (searched recursively)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
@@ -32,9 +35,33 @@ def main(argv=None) -> None:
     args, overrides = common.parse(p, argv)
     if args.back_refine:
         overrides.append("sampler.back_refine.enabled=true")
+    if args.batch_size < 1:
+        common.fail(f"--batch-size must be positive, got {args.batch_size}")
+    missing = [path for path in args.images if not os.path.exists(path)]
+    if missing:
+        common.fail(f"no such file or directory: {', '.join(missing)} (give image files and/or directories of them)")
     common.setup_logging()
     from ladic_jax import sampler as sampler_lib
     from ladic_jax.captioning import Captioner
+    from ladic_jax.checkpoint import CheckpointError, run_steps
+    from ladic_jax.data import text as text_lib
+    from ladic_jax.evaluation.offline import run_config
+    # The run, the overrides, the tokenizer, the template and the checkpoint: checked before the model is loaded.
+    try:
+        config = run_config(args.workdir, overrides)
+    except (FileNotFoundError, ValueError) as e:
+        common.fail(str(e))
+    tokenizer = common.check_tokenizer(config)
+    if args.template is not None:
+        try:
+            text_lib.tokenize_template(tokenizer, args.template, int(config.input.max_length))
+        except ValueError as e:
+            common.fail(f"--template: {e}")
+    steps = run_steps(args.workdir)
+    if not steps:
+        common.fail(f"no checkpoints in {args.workdir}/checkpoints: --workdir must be a run with a checkpoint")
+    if args.step is not None and args.step not in steps:
+        common.fail(f"--step {args.step}: no checkpoint for that step in {args.workdir}; available: {steps}")
     sampler = {"steps": args.steps, "guidance": args.guidance, "mbr": args.mbr}
     try:
         cap = Captioner(args.workdir, step=args.step, overrides=overrides)
@@ -45,9 +72,9 @@ def main(argv=None) -> None:
             cap.template_arrays(args.template)
     except (FileNotFoundError, ValueError) as e:
         common.fail(str(e))
+    except CheckpointError as e:  # a checkpoint that cannot be read: not a usage error
+        common.fail(str(e), code=1)
     failed = 0
-    if args.batch_size < 1:
-        common.fail(f"--batch-size must be positive, got {args.batch_size}")
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     for r in cap.caption_files(args.images, batch_size=args.batch_size, progress=progress, seed=args.seed,
                                template=args.template, show_steps=args.show_steps, **sampler):

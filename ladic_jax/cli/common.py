@@ -52,5 +52,36 @@ def setup_logging() -> None:
 
 
 def fail(msg: str, code: int = 2) -> None:
+    """Ends the command with one line on stderr, ``error: MSG``, and exit status ``code`` (2: a user error,
+    bad flag, path, config or missing input; 1: a failure while running)."""
     print(f"error: {msg}", file=sys.stderr)
     raise SystemExit(code)
+
+
+# ---- checks run before anything slow (building, loading or compiling a model), so that a missing input stops
+# a command in its first seconds with one line naming it
+
+
+def check_tokenizer(config):
+    """Loads ``config.input.tokenizer`` (the model loads it again when it needs it); returns it."""
+    from ladic_jax.data import text
+    try:
+        return text.load_tokenizer(config.input.tokenizer)
+    except text.TokenizerError as e:
+        fail(str(e))
+
+
+def check_dataset(input_cfg) -> None:
+    """``config.input.data_dir`` exists and holds the prepared ``config.input.dataset``."""
+    from etils import epath
+
+    from ladic_jax.data import datasets, pipeline
+    data_dir = input_cfg.get("data_dir")
+    if data_dir and not epath.Path(data_dir).is_dir():  # local or gs://
+        fail(f"config.input.data_dir={data_dir!r} is not a directory: give the TFDS data directory that holds "
+             f"{input_cfg.dataset} with --config.input.data_dir=DIR (built by "
+             f"{datasets.build_hint(input_cfg.dataset).strip('`')})")
+    try:
+        pipeline.get_builder(input_cfg)
+    except ValueError as e:
+        fail(str(e))

@@ -24,7 +24,9 @@ def main(argv=None) -> None:
     sub = p.add_subparsers(dest="source", required=True)
     o = sub.add_parser("official", help="the LaDiC authors' released PyTorch checkpoint",
                        description="Strict: every tensor of the checkpoint is used or deliberately ignored; a "
-                       "missing, mis-shaped or unknown tensor stops the conversion naming it.",
+                       "missing, mis-shaped or unknown tensor stops the conversion naming it. The run's tokenizer "
+                       "(config.input.tokenizer: the config's hub id, found in the local Hugging Face cache, or "
+                       "--config.input.tokenizer=DIR) must load, or nothing is written.",
                        epilog=common.OVERRIDE_HELP)
     o.add_argument("--checkpoint", required=True, help="the release's pytorch_model.bin (read with "
                    "torch.load(weights_only=True))")
@@ -46,6 +48,9 @@ def main(argv=None) -> None:
         sp.add_argument("--out", required=True, help="output directory")
         sp.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest good one)")
     args, overrides = common.parse(p, argv)
+    if overrides and args.source != "official":
+        common.fail(f"ladic-convert {args.source} takes no config overrides (got --config.{overrides[0]}): it "
+                    "exports the run as it was trained")
     common.setup_logging()
     if args.source in ("clip", "vqvae"):
         from ladic_jax.checkpoint import CheckpointError

@@ -110,7 +110,8 @@ def _show(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `ladic-data` console script; returns the process exit code."""
+    """Entry point of the `ladic-data` console script; returns the process exit code (2 on a user error: one
+    line on stderr naming it)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "build" and args.config is not None and args.config not in datasets.config_names(args.dataset):
@@ -124,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         {"build": _build, "show": _show}[args.command](args)
     except (ValueError, FileNotFoundError, tfds.core.registered.DatasetNotFoundError) as e:
         print(f"ladic-data {args.command}: error: {e}", file=sys.stderr)
-        return 1
+        return 2  # a user error: a missing or unprepared dataset, a bad path or value
     return 0
 
 

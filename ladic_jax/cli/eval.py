@@ -9,7 +9,10 @@ from ladic_jax.cli import common
 
 
 def _ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a comma-separated list of integers (e.g. 5,30)") from None
 
 
 def main(argv=None) -> None:
@@ -66,13 +69,21 @@ def main(argv=None) -> None:
     common.setup_logging()
     from ladic_jax.checkpoint import CheckpointError
     from ladic_jax.evaluation import offline
+    try:  # the run, the overrides, the tokenizer and the data: checked before the model is built and compiled
+        config = offline.run_config(args.workdir, overrides)
+    except (FileNotFoundError, ValueError) as e:
+        common.fail(str(e))
+    common.check_tokenizer(config)
+    common.check_dataset(config.input)
     try:
         sweep = offline.parse_sweep(args.sweep) if args.sweep else None
         offline.evaluate_run(args.workdir, steps=args.step, sampling_steps=args.sampling_steps,
                              guidance=args.guidance, mbr=args.mbr, sweep=sweep, trajectory=args.trajectory,
                              limit=args.limit, force=args.force, overrides=overrides, split=args.split)
-    except (FileNotFoundError, ValueError, CheckpointError) as e:
+    except (FileNotFoundError, ValueError) as e:
         common.fail(str(e))
+    except CheckpointError as e:  # a checkpoint that cannot be read: not a usage error
+        common.fail(str(e), code=1)
 
 if __name__ == "__main__":
     main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from ladic_jax.cli import common
 
@@ -26,6 +27,15 @@ def main(argv=None) -> None:
         config_lib.validate(cfg)
     except config_lib.ConfigError as e:
         common.fail(str(e))
+    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        common.fail(f"--workdir {args.workdir} is a file; give a run directory (new, or one to resume)")
+    # What the run reads, checked before the model is built and initialised.
+    common.check_tokenizer(cfg)
+    common.check_dataset(cfg.input)
+    try:
+        os.makedirs(args.workdir, exist_ok=True)
+    except OSError as e:
+        common.fail(f"--workdir {args.workdir}: cannot create the run directory ({e.strerror})")
     from ladic_jax import trainer
     from ladic_jax.checkpoint import CheckpointError
     try:

@@ -29,6 +29,7 @@ from ladic_jax.pretrained_paths import resolve_alias
 __all__ = [
     "normalize_caption",
     "swap_left_right",
+    "TokenizerError",
     "load_tokenizer",
     "tokenize",
     "tokenize_template",
@@ -73,26 +74,61 @@ def swap_left_right(text: str) -> str:
     return _LEFT_RIGHT_WORD.sub(lambda m: _LEFT_RIGHT[m.group(1)], text)
 
 
-def load_tokenizer(name_or_path: str):
+class TokenizerError(ValueError):
+    """A tokenizer could not be loaded; the one-line message names it, the config field that gives it
+    and how to give another."""
+
+
+# What Hugging Face accepts as a hub id ("name" or "namespace/name"); anything else can only be a path.
+_HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (Hugging Face's go on with generic advice), at most ``limit``
+    characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    return lines[0] if len(lines[0]) <= limit else lines[0][: limit - 3] + "..."
+
+
+def load_tokenizer(name_or_path: str, field: str = "config.input.tokenizer"):
     """Loads a Hugging Face *fast* tokenizer from a local directory or a hub id.
 
     A hub id resolves through the normal Hugging Face cache, so it works offline only when the
     files are cached. Slow (pure Python) tokenizers are rejected: the input pipeline tokenizes
     whole batches on the host and relies on the Rust implementation for speed.
+
+    Raises ``TokenizerError`` (a ValueError) with a one-line message naming the tokenizer, the config
+    ``field`` it came from and how to give one that loads.
     """
     import transformers  # Imported here: only the host input path needs it.
 
     if not isinstance(name_or_path, str) or not name_or_path:
-        raise ValueError(f"tokenizer must be a local directory or a hub id, got {name_or_path!r}")
-    name_or_path = resolve_alias(name_or_path)
+        raise TokenizerError(f"{field} must be a local directory or a hub id, got {name_or_path!r}")
+    try:
+        name_or_path = resolve_alias(name_or_path)
+    except FileNotFoundError as e:  # "minilm" without its package
+        raise TokenizerError(f"tokenizer {name_or_path!r} ({field}): {e}") from e
+    example = f"--{field}=/path/to/{os.path.basename(name_or_path.rstrip('/')) or 'tokenizer'}"
     local = os.path.isdir(name_or_path)
+    if not local and not _HUB_ID.fullmatch(name_or_path):
+        raise TokenizerError(f"tokenizer {name_or_path!r} ({field}) not found: no such directory (and not a "
+                             f"Hugging Face hub id); give a tokenizer directory: {example}")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path, local_files_only=local)
     except (OSError, ValueError) as e:
-        where = "local directory" if local else "hub id (not a local directory; offline needs the HF cache)"
-        raise ValueError(f"could not load tokenizer {name_or_path!r} as a {where}: {e}") from e
+        if local:
+            files = set(os.listdir(name_or_path))
+            cause = (_first_line(e) if files & {"tokenizer.json", "vocab.txt", "tokenizer_config.json"} else
+                     "it holds no tokenizer files (tokenizer.json, or vocab.txt and tokenizer_config.json)")
+            raise TokenizerError(f"could not load tokenizer {name_or_path!r} ({field}) from the local directory: "
+                                 f"{cause}") from e
+        raise TokenizerError(
+            f"could not load tokenizer {name_or_path!r} ({field}): it is not a local directory, and as a Hugging "
+            f"Face hub id it is not in the local cache or could not be fetched ({_first_line(e)}); give its "
+            f"directory: {example}") from e
     if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"tokenizer {name_or_path!r} is not a fast tokenizer ({type(tokenizer).__name__})")
+        raise TokenizerError(f"tokenizer {name_or_path!r} ({field}) is not a fast tokenizer "
+                             f"({type(tokenizer).__name__})")
     return tokenizer
 
 

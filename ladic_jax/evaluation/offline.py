@@ -14,7 +14,7 @@ import ml_collections
 from ladic_jax import config as config_lib
 from ladic_jax import sampler as sampler_lib
 from ladic_jax import trainer
-from ladic_jax.checkpoint import Checkpointer
+from ladic_jax.checkpoint import run_steps
 from ladic_jax.evaluation import report
 from ladic_jax.evaluation.evaluator import Evaluator, sampler_config
 
@@ -116,7 +116,7 @@ def evaluate_run(workdir: str, *, steps: list[int] | None = None, sampling_steps
         raise ValueError(f"--trajectory: the {config.family!r} model has no denoising trajectory to record")
     points = [_point_config(config, sk.family, {**fixed, **dict(zip(grid, values))})
               for values in itertools.product(*grid.values())]
-    ck_steps = _checkpoint_steps(workdir)
+    ck_steps = run_steps(workdir)
     if not ck_steps:
         raise FileNotFoundError(f"no checkpoints in {workdir}/checkpoints")
     wanted = ck_steps if not steps else steps
@@ -176,12 +176,3 @@ def _done(workdir: str, step: int, tag: str, trajectory: bool) -> bool:
     return not trajectory or "latent_distance" in report.read_eval(workdir, step, tag)
 
 
-def _checkpoint_steps(workdir: str) -> list[int]:
-    path = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(path):
-        return []
-    ck = Checkpointer(path, read_only=True)
-    try:
-        return ck.all_steps()
-    finally:
-        ck.close()

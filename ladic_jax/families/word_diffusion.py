@@ -417,7 +417,7 @@ class WordDiffusionFamily(base.Family):
         """The CLIP's own tokenizer (from its directory: OpenAI's CLIP has its BPE, the exported shapes CLIP
         the input's WordPiece), or the input's for a CLIP without a directory (random, smoke tests)."""
         src = self.config.model.clip.get("pretrained")
-        return text_lib.load_tokenizer(src) if src else self.tokenizer
+        return text_lib.load_tokenizer(src, field="config.model.clip.pretrained") if src else self.tokenizer
 
     def prepare(self, params, train_batches: Iterator[dict[str, jax.Array]]):
         """The closed vocabulary's ids (one epoch of captions) and, for pretrained embeddings with

@@ -265,11 +265,11 @@ def test_ladic_data_build_and_show(real_data, tmp_path, capsys):
 
 def test_ladic_data_build_errors_are_one_line(tmp_path, capsys):
     assert data_cli.main(["build", "karpathy_captions", "--config", "coco", "--manual_dir", str(tmp_path),
-                          "--data_dir", str(tmp_path / "out")]) == 1
+                          "--data_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ladic-data build: error: karpathy_captions/coco: missing file")
     assert data_cli.main(["build", "shapes_captions", "--manual_dir", str(tmp_path),
-                          "--data_dir", str(tmp_path / "out")]) == 1
+                          "--data_dir", str(tmp_path / "out")]) == 2
     assert "takes no --manual_dir" in capsys.readouterr().err
 
 

@@ -375,11 +375,11 @@ def test_cli_build_and_show(tmp_path, capsys):
 
     captions.write_text(json.dumps({"image_id": 123, "caption": "a red circle"}) + "\n")
     assert cli.main(["show", "--dataset", "shapes_captions/tiny", "--data_dir", data_dir, "--out", str(sheet),
-                     "--captions", str(captions)]) == 1
+                     "--captions", str(captions)]) == 2
     assert "none of the 1 generated captions matches" in capsys.readouterr().err
     captions.write_text('{"image_id": 1, "caption": "x"}\n{"caption": "no id"}\n')
     assert cli.main(["show", "--dataset", "shapes_captions/tiny", "--data_dir", data_dir, "--out", str(sheet),
-                     "--captions", str(captions)]) == 1
+                     "--captions", str(captions)]) == 2
     assert f"{captions}:2: expected a JSON object" in capsys.readouterr().err
 
 
@@ -403,7 +403,7 @@ def test_sheet_draws_generated_captions_in_their_own_colour():
 ])
 def test_cli_errors_are_clear(tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]
-    assert cli.main(argv) == 1
+    assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and len(err) < 600, err
 
