@@ -86,8 +86,9 @@ class TextDecoder(nn.Module):
     def init_cache(self, batch: int) -> Cache:
         """An empty cache for ``batch`` sequences (zeros; positions not yet decoded are masked out)."""
         c = self.config
-        shape = (batch, c.max_len, c.num_heads, c.width // c.num_heads)
-        return tuple((jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype)) for _ in range(c.depth))
+        heads, head_dim = c.num_heads, c.width // c.num_heads  # keys (B, H, D, N), values (B, H, N, D): Attention's
+        return tuple((jnp.zeros((batch, heads, head_dim, c.max_len), self.dtype),
+                      jnp.zeros((batch, heads, c.max_len, head_dim), self.dtype)) for _ in range(c.depth))
 
     def step(self, ids: jax.Array, position: jax.Array, cache: Cache, cond: CrossKV) -> tuple[jax.Array, Cache]:
         """One decoding step: the tokens (B,) at ``position`` (a scalar int) -> logits (B, vocab) for the next
@@ -97,8 +98,8 @@ class TextDecoder(nn.Module):
         new_cache = []
         for block, kv, (keys, values) in zip(self.blocks, cond, cache):
             k, v = block.self_key_value(h)
-            keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), position, axis=1)
-            values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), position, axis=1)
+            keys = jax.lax.dynamic_update_slice_in_dim(keys, k.astype(keys.dtype), position, axis=3)
+            values = jax.lax.dynamic_update_slice_in_dim(values, v.astype(values.dtype), position, axis=2)
             h = block(h, kv, True, self_kv=(keys, values), mask=visible)
             new_cache.append((keys, values))
         return self._logits(h)[:, 0], tuple(new_cache)

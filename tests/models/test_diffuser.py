@@ -185,7 +185,7 @@ def test_call_equals_denoise_of_condition():
     mask = jnp.array([False, True, False])
     direct = model.apply(params, x_t, t, sc, img, mask)
     cond = model.apply(params, img, mask, method=Diffuser.condition)
-    assert len(cond) == 2 and cond[0][0].shape == (B, N, 4, WIDTH // 4)
+    assert len(cond) == 2 and cond[0][0].shape == (B, 4, WIDTH // 4, N) and cond[0][1].shape == (B, 4, N, WIDTH // 4)
     split = model.apply(params, x_t, t, sc, cond, method=Diffuser.denoise)
     np.testing.assert_array_equal(np.asarray(direct), np.asarray(split))
 
