@@ -19,7 +19,8 @@ Config (``config.model``):
     init from ``text.config``); text.config: the sizes, optional beside ``pretrained`` (then the
     checkpoint's config.json must agree, and the model can be built without the checkpoint at hand);
     text.split_layer; text.target_dropout (BERT's dropout rate while the frozen encoder computes the training
-    targets x0: the release runs it so, in train mode, at BERT's 0.1; 0 = off, the paper and every other config); special_latent: "zero" | "period" | "period_raw";
+    targets x0: the release runs it so, in train mode, at BERT's 0.1; 0 = off, the paper and every other
+    config); special_latent: "zero" | "period" | "period_raw";
   image: the ViT (``image.pretrained`` and ``image.config`` like text; ``config`` alone trains from scratch;
     ``image.normalize_tokens``: the cross-attention reads every token after the ViT's final LayerNorm, which
     a CLIP tower applies to the pooled token only: e.g. a tower exported by the ``coca`` family, whose
