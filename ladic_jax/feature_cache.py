@@ -102,10 +102,6 @@ class FeatureCache:
         out[self.field] = self.lookup(batch["image_id"])
         return out
 
-    def attach_all(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for b in batches:
-            yield self.attach(b)
-
 
 def build(encode: Callable, params, batches: Iterator[dict[str, jax.Array]], size: int, max_batches: int,
           field: str, directory: str | None = None) -> tuple[FeatureCache, str]:
